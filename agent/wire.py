@@ -1,0 +1,298 @@
+"""Wire protocol v1: topics, the retained status message and the report message.
+
+This module is the only place that knows the bytes on the wire; the agent encodes with it and
+the collector decodes with it. docs/wire-protocol.md describes the same rules for people.
+Decoding is typed and strict: a size limit first, then msgspec validation against the structs
+below. Nothing is evaluated.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from typing import Annotated, Literal, NamedTuple, Union
+
+import msgspec
+from msgspec import Meta, Struct
+
+SCHEMA_VERSION = 1
+TOPIC_PREFIX = "ektp/v1"
+MAX_REPORT_BYTES = 16 * 1024
+MAX_STATUS_BYTES = 2 * 1024
+
+# Topic levels and probe names: lower case, digits, '-' and '_'; they become Prometheus label
+# values and file names, so they are kept short and plain.
+SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,47}$"
+_SLUG_RE = re.compile(SLUG_PATTERN)
+
+Slug = Annotated[str, Meta(pattern=SLUG_PATTERN)]
+Label = Annotated[str, Meta(max_length=64)]
+Text = Annotated[str, Meta(max_length=256)]
+Code = Annotated[str, Meta(pattern=r"^[a-z0-9_]{0,40}$")]
+BootId = Annotated[str, Meta(pattern=r"^[0-9a-f]{8,32}$")]
+Count = Annotated[int, Meta(ge=0, le=2**53)]
+Seconds = Annotated[float, Meta(ge=0)]
+
+State = Literal["ok", "warn", "missing", "error"]
+STATES: tuple[str, ...] = ("ok", "warn", "missing", "error")
+# A probe in one of these states means the thing it watches cannot do its job.
+FAILING_STATES = frozenset({"missing", "error"})
+
+
+class WireError(ValueError):
+    """A message that is refused. `reason` is a short, bounded token usable as a label value."""
+
+    REASONS = ("oversized", "malformed", "invalid", "version", "topic", "identity")
+
+    def __init__(self, reason: str, detail: str):
+        assert reason in self.REASONS
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class KitId(NamedTuple):
+    kabupaten: str
+    kecamatan: str
+    kit: str
+
+    def __str__(self) -> str:
+        return f"{self.kabupaten}/{self.kecamatan}/{self.kit}"
+
+
+def is_slug(value: str) -> bool:
+    return bool(_SLUG_RE.match(value))
+
+
+# ---------------------------------------------------------------------------------------------
+# Topics
+
+TOPIC_KINDS = ("status", "report")
+
+
+def topic(kit: KitId, kind: str) -> str:
+    if kind not in TOPIC_KINDS:
+        raise ValueError(f"unknown topic kind {kind!r}")
+    return f"{TOPIC_PREFIX}/{kit.kabupaten}/{kit.kecamatan}/{kit.kit}/{kind}"
+
+
+def subscription(kabupaten: str | None = None, kind: str = "+") -> str:
+    """Topic filter for a collector: the whole fleet, or one kabupaten."""
+    return f"{TOPIC_PREFIX}/{kabupaten or '+'}/+/+/{kind}"
+
+
+def parse_topic(name: str) -> tuple[KitId, str]:
+    parts = name.split("/")
+    if len(parts) != 6 or f"{parts[0]}/{parts[1]}" != TOPIC_PREFIX:
+        raise WireError("topic", f"not an {TOPIC_PREFIX} kit topic")
+    kab, kec, kit, kind = parts[2:]
+    if kind not in TOPIC_KINDS:
+        raise WireError("topic", "last level must be status or report")
+    if not (is_slug(kab) and is_slug(kec) and is_slug(kit)):
+        raise WireError("topic", "kabupaten, kecamatan and kit must be lower-case slugs")
+    return KitId(kab, kec, kit), kind
+
+
+# ---------------------------------------------------------------------------------------------
+# Status (retained): birth "online" after every connect, Last Will or clean stop "offline".
+
+
+class Status(Struct, omit_defaults=True, forbid_unknown_fields=False):
+    v: int
+    state: Literal["online", "offline"]
+    boot: BootId
+    ts: float = 0.0  # agent clock when the message was made; 0 in a Last Will
+    agent: Label = ""  # agent version
+    connects: Count = 0  # successful connects since the agent started
+    hb: Annotated[int, Meta(ge=1, le=86400)] | None = None  # heartbeat seconds
+    host: Label = ""  # host name of the kit PC
+    os: Label = ""  # "linux" / "windows" and release
+    reason: Code = ""  # offline: "shutdown" (clean stop) or "lost" (Last Will)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report (QoS 1): one entry per probe, keyed by probe name. Each entry kind carries typed
+# readings; every reading is optional so a probe in error sends only s/c/m.
+
+
+class Entry(Struct, tag_field="k", omit_defaults=True, forbid_unknown_fields=False):
+    s: State
+    c: Code = ""  # reason code, stable and translatable (see agent/messages.py)
+    m: Text = ""  # detail in plain words (an exception text, a device name)
+
+
+class Disk(Struct, array_like=True):
+    free: Count  # bytes
+    size: Count  # bytes
+
+
+class HostEntry(Entry, tag="host"):
+    cpu: Annotated[float, Meta(ge=0, le=1)] | None = None  # busy ratio since the last run
+    mem_avail: Count | None = None  # bytes
+    mem_total: Count | None = None  # bytes
+    disks: Annotated[dict[Label, Disk], Meta(max_length=16)] = {}  # mount -> [free, size]
+    temps: Annotated[dict[Label, float], Meta(max_length=16)] = {}  # sensor -> celsius
+    boot: Seconds | None = None  # boot time, unix seconds
+    skew: float | None = None  # seconds this clock is ahead of the reference
+
+
+class LinkTarget(Struct, omit_defaults=True):
+    up: bool
+    rtt: Seconds | None = None  # last answer's round trip
+    sent: Count = 0  # probes sent since the agent started
+    recv: Count = 0  # probes answered since the agent started
+    via: Literal["tcp", "icmp"] = "tcp"
+
+
+class LinkEntry(Entry, tag="link"):
+    targets: Annotated[dict[Label, LinkTarget], Meta(max_length=16)] = {}
+    ifaces: Annotated[dict[Label, bool], Meta(max_length=16)] = {}  # interface -> up
+
+
+class DeviceEntry(Entry, tag="dev"):
+    vid: Annotated[str, Meta(pattern=r"^[0-9a-f]{4}$")] | None = None
+    pid: Annotated[str, Meta(pattern=r"^[0-9a-f]{4}$")] | None = None
+    vendor: Label | None = None
+    product: Label | None = None
+    serial: Label | None = None
+    bus: Label | None = None  # bus position, e.g. "1-1.4"
+    driver: Label | None = None
+    problem: Count | None = None  # Windows device problem code
+    usable: bool | None = None  # a deeper check (V4L2 QUERYCAP, PC/SC) passed
+    count: Count | None = None  # matching units present
+
+
+class UpsEntry(Entry, tag="ups"):
+    on_batt: bool | None = None
+    batt_low: bool | None = None
+    failed: bool | None = None
+    test: bool | None = None  # self-test in progress
+    shutdown: bool | None = None
+    bypass: bool | None = None  # bypass / boost / buck active
+    load: Annotated[float, Meta(ge=0, le=10)] | None = None  # ratio of rated load
+    in_v: Annotated[float, Meta(ge=0, le=1000)] | None = None
+    out_v: Annotated[float, Meta(ge=0, le=1000)] | None = None
+    in_hz: Annotated[float, Meta(ge=0, le=1000)] | None = None
+    batt_v: Annotated[float, Meta(ge=0, le=1000)] | None = None
+    temp: Annotated[float, Meta(ge=-100, le=200)] | None = None
+    charge: Annotated[float, Meta(ge=0, le=1)] | None = None  # estimated from batt_v
+    vendor: Label | None = None
+    model: Label | None = None
+    via: Literal["megatec", "nut", "apcupsd"] | None = None
+
+
+AnyEntry = Union[HostEntry, LinkEntry, DeviceEntry, UpsEntry]
+ENTRY_TYPES: dict[str, type[Entry]] = {
+    "host": HostEntry,
+    "link": LinkEntry,
+    "dev": DeviceEntry,
+    "ups": UpsEntry,
+}
+
+
+class QueueStats(Struct, array_like=True):
+    queued: Count  # reports waiting in the agent's store-and-forward queue
+    dropped: Count  # reports dropped because the queue was full, ever
+
+
+class Report(Struct, omit_defaults=True, forbid_unknown_fields=False):
+    v: int
+    kab: Slug
+    kec: Slug
+    kit: Slug
+    ts: Seconds  # agent clock, unix seconds
+    boot: BootId  # random per agent start; (boot, seq) identifies a report
+    seq: Annotated[int, Meta(ge=1, le=2**53)]
+    hb: Annotated[int, Meta(ge=1, le=86400)]  # heartbeat seconds: the next report is due by then
+    p: Annotated[dict[Slug, AnyEntry], Meta(max_length=32)]
+    replay: bool = False  # sent from the backlog after an outage
+    q: QueueStats | None = None
+
+    @property
+    def kit_id(self) -> KitId:
+        return KitId(self.kab, self.kec, self.kit)
+
+
+class _Envelope(Struct, forbid_unknown_fields=False):
+    v: int
+
+
+# Reports may be sent zlib-compressed (RFC 1950) with this preset dictionary: a 1 kB report of a
+# full kit shrinks to about 220 bytes, which matters on metered kecamatan links. The dictionary
+# is part of protocol v1 and must never change; its Adler-32 travels in every compressed
+# payload's header, so a mismatch is refused rather than misread.
+ZDICT = (
+    b'{"v":1,"kab":"","kec":"","kit":"kit-1","ts":17,"boot":"","seq":,"hb":60,"p":{"host":'
+    b'{"k":"host","s":"ok","cpu":0.,"mem_avail":,"mem_total":,"disks":{"/":[,]},"temps":{},'
+    b'"boot":17,"skew":},"link":{"k":"link","s":"ok","targets":{"district":{"up":true,"rtt":0.0,'
+    b'"sent":,"recv":,"via":"icmp"}},"ifaces":{"eth0":true}},"fingerprint":{"k":"dev","s":"ok",'
+    b'"vid":"","pid":"","vendor":"","product":"","serial":"","bus":"1-1","driver":"usb"},"iris":'
+    b'{"k":"dev","s":"missing","c":"not_detected"},"camera":{"k":"dev","s":"ok","usable":true},'
+    b'"signature_pad":{"k":"dev","s":"error"},"card_reader":{"k":"dev","s":"ok"},"ups":{"k":"ups",'
+    b'"s":"ok","on_batt":false,"batt_low":false,"load":0.,"in_v":2,"out_v":2,"in_hz":50.0,'
+    b'"batt_v":,"temp":,"charge":1.0,"via":"megatec"}},"replay":true,"q":[0,0]}'
+)
+ZDICT_ADLER32 = 0xDAABEA52  # pinned by tests/test_wire.py
+
+_encoder = msgspec.json.Encoder()
+_report_decoder = msgspec.json.Decoder(Report)
+_status_decoder = msgspec.json.Decoder(Status)
+_envelope_decoder = msgspec.json.Decoder(_Envelope)
+
+
+def encode(message: Report | Status, compress: bool = False) -> bytes:
+    data = _encoder.encode(message)
+    if not compress:
+        return data
+    packer = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, zdict=ZDICT)
+    return packer.compress(data) + packer.flush()
+
+
+def _inflate(payload: bytes, limit: int) -> bytes:
+    unpacker = zlib.decompressobj(zdict=ZDICT)
+    try:
+        data = unpacker.decompress(payload, limit + 1)
+    except zlib.error as exc:
+        raise WireError("malformed", f"compressed payload: {exc}") from None
+    if len(data) > limit or unpacker.unconsumed_tail:
+        raise WireError("oversized", f"expands past {limit} bytes")
+    if not unpacker.eof:
+        raise WireError("malformed", "compressed payload is truncated")
+    return data
+
+
+def _decode(decoder: msgspec.json.Decoder, payload: bytes, limit: int):
+    if len(payload) > limit:
+        raise WireError("oversized", f"{len(payload)} bytes, limit {limit}")
+    if payload[:1] == b"\x78":
+        payload = _inflate(payload, limit)
+    try:
+        message = decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        _refuse_other_version(payload)
+        raise WireError("invalid", str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise WireError("malformed", str(exc)) from None
+    if message.v != SCHEMA_VERSION:
+        raise WireError("version", f"schema version {message.v}, this side speaks {SCHEMA_VERSION}")
+    return message
+
+
+def _refuse_other_version(payload: bytes) -> None:
+    try:
+        version = _envelope_decoder.decode(payload).v
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return
+    if version != SCHEMA_VERSION:
+        raise WireError("version", f"schema version {version}, this side speaks {SCHEMA_VERSION}")
+
+
+def decode_report(payload: bytes, expect: KitId | None = None) -> Report:
+    report: Report = _decode(_report_decoder, payload, MAX_REPORT_BYTES)
+    if expect is not None and report.kit_id != expect:
+        raise WireError("identity", f"payload says {report.kit_id}, topic says {expect}")
+    return report
+
+
+def decode_status(payload: bytes) -> Status:
+    return _decode(_status_decoder, payload, MAX_STATUS_BYTES)

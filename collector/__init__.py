@@ -1,0 +1,5 @@
+"""ektp-monitor collector: the district side that ingests kit reports."""
+
+from agent import __version__
+
+__all__ = ["__version__"]

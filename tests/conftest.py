@@ -1,0 +1,231 @@
+"""Shared fixtures: a real Mosquitto, a recording subscriber, agent processes, TCP targets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent import wire
+from collector.devbroker import Mosquitto, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    """Polls `predicate` until it returns something truthy or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    with Mosquitto(tmp_path / "broker") as mosq:
+        yield mosq
+
+
+class Message:
+    def __init__(self, topic: str, payload: bytes, retain: bool, received: float):
+        self.topic = topic
+        self.payload = payload
+        self.retain = retain
+        self.received = received
+        self.kit, self.kind = wire.parse_topic(topic)
+
+    def decode(self):
+        if self.kind == "status":
+            return wire.decode_status(self.payload)
+        return wire.decode_report(self.payload, self.kit)
+
+
+class Recorder:
+    """Subscribes to every kit topic and keeps what arrives."""
+
+    def __init__(self, broker: Mosquitto, topic: str = "ektp/v1/#", tls_ca: str | None = None,
+                 session: str | None = None):
+        """With `session` (a client id), the subscription and queued messages outlive a
+        broker restart when the broker keeps persistence."""
+        self.messages: list[Message] = []
+        self.lock = threading.Lock()
+        self.subscribed = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=session or "",
+                                  protocol=MQTTProtocolVersion.MQTTv5)
+        self.client.reconnect_delay_set(0.1, 0.5)
+        if tls_ca:
+            self.client.tls_set(ca_certs=tls_ca)
+        self.client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda *a: self.subscribed.set()
+        self.client.on_message = self._on_message
+        props = None
+        if session:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 600
+        self.client.connect(broker.host, broker.port, clean_start=not session, properties=props)
+        self.client.loop_start()
+        assert self.subscribed.wait(10), "recorder could not subscribe"
+
+    def _on_message(self, client, userdata, msg):
+        with self.lock:
+            self.messages.append(Message(msg.topic, bytes(msg.payload), bool(msg.retain), time.monotonic()))
+
+    def of(self, kind: str) -> list[Message]:
+        with self.lock:
+            return [m for m in self.messages if m.kind == kind]
+
+    def reports(self) -> list[wire.Report]:
+        return [m.decode() for m in self.of("report")]
+
+    def statuses(self) -> list[wire.Status]:
+        return [m.decode() for m in self.of("status")]
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def recorder_factory():
+    made = []
+
+    def make(broker, **kw):
+        rec = Recorder(broker, **kw)
+        made.append(rec)
+        return rec
+
+    yield make
+    for rec in made:
+        rec.close()
+
+
+class TcpTarget:
+    """A TCP listener the link probe can reach; `close()` makes it refuse, `open()` accept again."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.sock: socket.socket | None = None
+        self.open()
+
+    def open(self):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(64)
+        self.sock = sock
+        threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
+
+    def _accept(self, sock):
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            conn.close()
+
+    def close(self):
+        if self.sock:
+            self.sock.close()
+            self.sock = None
+
+
+@pytest.fixture
+def tcp_target():
+    target = TcpTarget()
+    yield target
+    target.close()
+
+
+def write_agent_config(path: Path, mosq: Mosquitto | None, state_dir: Path, **overrides) -> Path:
+    """An agent config for tests: fast intervals, a link probe to `target_port` when given."""
+    target_port = overrides.pop("target_port", None)
+    kit = overrides.pop("kit", {"kabupaten": "sintang", "kecamatan": "dedai", "id": "kit-1"})
+    config = {
+        "kit": kit,
+        "broker": {"url": mosq.url if mosq else "mqtt://127.0.0.1:1", "will_delay": 0, "keepalive": 5,
+                   "reconnect_max_delay": 1},
+        "heartbeat": 1,
+        "state_dir": str(state_dir),
+        "probes": {"host": {"interval": 1, "temperatures": False}},
+    }
+    if target_port:
+        config["probes"]["link"] = {
+            "interval": 0.2,
+            "timeout": 0.2,
+            "count": 1,
+            "attempt_timeout": 0.1,
+            "targets": {"district": {"host": "127.0.0.1", "port": target_port}},
+        }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+class AgentProcess:
+    def __init__(self, config: Path, log: Path):
+        self.config = config
+        self.log_path = log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "AgentProcess":
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "run", "-c", str(self.config), "--log-level", "debug"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=env,
+            )
+        return self
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def agent_process(tmp_path):
+    made = []
+
+    def make(config: Path) -> AgentProcess:
+        proc = AgentProcess(config, tmp_path / f"agent-{len(made)}.log")
+        made.append(proc)
+        return proc.start()
+
+    yield make
+    for proc in made:
+        proc.kill()
