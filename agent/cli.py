@@ -37,10 +37,10 @@ def _parser() -> argparse.ArgumentParser:
 def check(config: LoadedConfig, lang: str = "id", as_json: bool = False, out=sys.stdout, context=None) -> int:
     """Runs each probe once, concurrently, each within its timeout. Exit 0 only if none fails."""
     from agent import probes
-    from agent.probes.base import ProbeContext
     from agent.runner import run_safely
+    from agent.service import probe_context
 
-    context = context or ProbeContext()
+    context = context or probe_context(config)
     results: dict[str, wire.Entry] = {}
     pool = ThreadPoolExecutor(max_workers=max(1, len(config.probes)), thread_name_prefix="check")
     futures = {}
@@ -82,10 +82,15 @@ def check(config: LoadedConfig, lang: str = "id", as_json: bool = False, out=sys
             label = f"[{words[entry.s]}]".ljust(width + 1)
             text = messages.describe(name, entry, lang)
             out.write(f"{label} {messages.title(name, lang)}: {text}\n")
-        summary = {
-            "id": "Semua pemeriksaan lulus." if not failing else f"{len(failing)} bermasalah: {', '.join(failing)}",
-            "en": "All checks passed." if not failing else f"{len(failing)} failing: {', '.join(failing)}",
-        }[lang]
+        warned = [name for name, entry in ordered if entry.s == "warn"]
+        if failing:
+            summary = {"id": f"{len(failing)} bermasalah: {', '.join(failing)}",
+                       "en": f"{len(failing)} failing: {', '.join(failing)}"}[lang]
+        elif warned:
+            summary = {"id": f"Tidak ada yang gagal, tetapi perlu perhatian: {', '.join(warned)}",
+                       "en": f"Nothing failing, but needs attention: {', '.join(warned)}"}[lang]
+        else:
+            summary = {"id": "Semua pemeriksaan lulus.", "en": "All checks passed."}[lang]
         out.write(summary + "\n")
     return 1 if failing else 0
 

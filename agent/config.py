@@ -70,6 +70,13 @@ class QueueConfig(Struct, forbid_unknown_fields=True):
     max_size: int | str = "50MB"
 
 
+class SystemPaths(Struct, forbid_unknown_fields=True):
+    """Where probes read the system; tests and the demo point these at fixture trees."""
+
+    sysfs: str = "/sys"
+    dev: str = "/dev"
+
+
 class AgentConfig(Struct, forbid_unknown_fields=True):
     kit: KitIdentity
     broker: BrokerConfig
@@ -77,6 +84,7 @@ class AgentConfig(Struct, forbid_unknown_fields=True):
     state_dir: str | None = None
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
     probes: dict[str, dict[str, Any]] = {}
+    paths: SystemPaths = msgspec.field(default_factory=SystemPaths)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -90,6 +98,23 @@ class ProbeSettings(Struct, forbid_unknown_fields=False):
 
 
 COMMON_PROBE_KEYS = ("type", "interval", "timeout", "enabled")
+
+
+class Secret:
+    """A password that never shows in a repr, a log line or a traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
 
 
 class Broker(Struct):
@@ -106,7 +131,7 @@ class LoadedConfig(Struct):
     path: str
     raw: AgentConfig
     broker: Broker
-    password: str | None
+    password: Secret | None
     state_dir: Path
     queue_max_bytes: int
     probes: list["ProbeSpec"]
@@ -253,7 +278,7 @@ def parse_broker_url(url: str, file: str) -> Broker:
     return Broker(parts.hostname, port, parts.scheme == "mqtts")
 
 
-def read_secret(path: str, file: str, key: str) -> str:
+def read_secret(path: str, file: str, key: str) -> Secret:
     try:
         with open(path, encoding="utf-8") as fh:
             secret = fh.read().strip("\r\n")
@@ -264,7 +289,7 @@ def read_secret(path: str, file: str, key: str) -> str:
         raise ConfigError(file, key, f"{path} is empty")
     if sys.platform != "win32" and mode & stat.S_IROTH:
         log.warning("%s: %s: %s is readable by other users; run: chmod 600 %s", file, key, path, path)
-    return secret
+    return Secret(secret)
 
 
 def _check_readable(path: str | None, file: str, key: str) -> None:

@@ -76,7 +76,7 @@ class Publisher:
 
     # -- client setup ------------------------------------------------------------------------
 
-    def _make_client(self, password: str | None) -> paho.Client:
+    def _make_client(self, password) -> paho.Client:
         v5 = self.cfg.protocol == "5"
         client_id = self.cfg.client_id or f"ektp-agent-{self.kit.kabupaten}-{self.kit.kecamatan}-{self.kit.kit}"
         client = paho.Client(
@@ -90,7 +90,7 @@ class Publisher:
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(min_delay=1, max_delay=self.cfg.reconnect_max_delay)
         if self.cfg.username:
-            client.username_pw_set(self.cfg.username, password)
+            client.username_pw_set(self.cfg.username, password.reveal() if password else None)
         if self.broker.tls:
             tls = self.cfg.tls
             client.tls_set_context(build_tls_context(tls.ca, tls.cert, tls.key))

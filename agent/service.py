@@ -17,6 +17,10 @@ from agent.runner import Clock, Runner, Slot, new_boot_id
 log = logging.getLogger("ektp.agent")
 
 
+def probe_context(config: LoadedConfig) -> ProbeContext:
+    return ProbeContext(sysfs_root=config.raw.paths.sysfs, dev_root=config.raw.paths.dev)
+
+
 def build_slots(config: LoadedConfig, context: ProbeContext) -> list[Slot]:
     return [Slot(probes.create(spec, context), spec.interval, spec.timeout) for spec in config.probes]
 
@@ -38,7 +42,7 @@ class Agent:
         self.publisher = Publisher(config, self.kit, self.boot, config.raw.heartbeat, self.outbox, self.clock)
         self.runner = Runner(
             self.kit,
-            build_slots(config, context or ProbeContext()),
+            build_slots(config, context or probe_context(config)),
             config.raw.heartbeat,
             emit=self._enqueue,
             queue_stats=lambda: wire.QueueStats(self.outbox.count, self.outbox.dropped),

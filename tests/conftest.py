@@ -141,6 +141,11 @@ class TcpTarget:
 
     def close(self):
         if self.sock:
+            # shutdown wakes the thread blocked in accept(); close alone leaves it listening
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self.sock.close()
             self.sock = None
 

@@ -160,7 +160,8 @@ def test_password_read_and_world_readable_warned(tmp_path, caplog):
     doc["broker"].update(username="kit-1", password_file=str(secret))
     with caplog.at_level(logging.WARNING):
         config = load(write(tmp_path, doc))
-    assert config.password == "s3cr3t"
+    assert config.password.reveal() == "s3cr3t"
+    assert "s3cr3t" not in repr(config) and "s3cr3t" not in str(config.password)
     assert "readable by other users" in caplog.text
     assert "s3cr3t" not in caplog.text
     secret.chmod(0o600)

@@ -27,6 +27,10 @@ class Probe:
 
     type_name: ClassVar[str]
     entry_type: ClassVar[type[wire.Entry]]
+    # Reason codes this probe sends in `c`; each has words in agent/messages.py.
+    codes: ClassVar[tuple[str, ...]] = ()
+    # Codes any probe may get from the runner.
+    RUNNER_CODES: ClassVar[tuple[str, ...]] = ("probe_failed", "timeout")
 
     class Options(Struct, forbid_unknown_fields=True):
         pass

@@ -67,6 +67,7 @@ class HostProbe(Probe):
     type_name = "host"
     entry_type = wire.HostEntry
     Options = HostOptions
+    codes = ("disk_unreadable", "disk_low", "clock_unchecked", "clock_skew")
 
     def __init__(self, name, options, context):
         super().__init__(name, options, context)

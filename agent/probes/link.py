@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Literal
 
 import psutil
@@ -134,10 +135,12 @@ class LinkProbe(Probe):
     type_name = "link"
     entry_type = wire.LinkEntry
     Options = LinkOptions
+    codes = ("no_answer", "target_down", "interface_down")
 
     def __init__(self, name, options, context):
         super().__init__(name, options, context)
         self._counters = {target: _Counter() for target in options.targets}
+        self._pool = ThreadPoolExecutor(max_workers=len(options.targets), thread_name_prefix=f"{name}-target")
         self._lock = threading.Lock()
         self._seq = 0
         mode = options.icmp
@@ -158,33 +161,36 @@ class LinkProbe(Probe):
                 return Attempt(False, error=str(exc.strerror or exc)), "icmp"
         return icmp_command_attempt(target.host, timeout), "icmp"
 
+    def _probe_target(self, name: str, target: TargetOptions) -> tuple[wire.LinkTarget, str]:
+        counter = self._counters[name]
+        rtts: list[float] = []
+        answered = 0
+        via = "tcp"
+        last_error = ""
+        for _ in range(self.options.count):
+            attempt, via = self._attempt(target)
+            counter.sent += 1
+            if attempt.ok:
+                answered += 1
+                counter.recv += 1
+                if attempt.rtt is not None:
+                    rtts.append(attempt.rtt)
+            else:
+                last_error = attempt.error
+        rtt = round(statistics.median(rtts), 5) if rtts else None
+        return wire.LinkTarget(up=answered > 0, rtt=rtt, sent=counter.sent, recv=counter.recv, via=via), last_error
+
     def run(self) -> wire.LinkEntry:
         opts: LinkOptions = self.options
+        # targets are probed side by side so one dead server does not delay the others
+        futures = {name: self._pool.submit(self._probe_target, name, target) for name, target in opts.targets.items()}
         targets: dict[str, wire.LinkTarget] = {}
-        down: list[str] = []
         errors: list[str] = []
-        for name, target in opts.targets.items():
-            counter = self._counters[name]
-            rtts = []
-            answered = 0
-            via = "tcp"
-            last_error = ""
-            for _ in range(opts.count):
-                attempt, via = self._attempt(target)
-                counter.sent += 1
-                if attempt.ok:
-                    answered += 1
-                    counter.recv += 1
-                    if attempt.rtt is not None:
-                        rtts.append(attempt.rtt)
-                else:
-                    last_error = attempt.error
-            up = answered > 0
-            rtt = round(statistics.median(rtts), 5) if rtts else None
-            targets[name] = wire.LinkTarget(up=up, rtt=rtt, sent=counter.sent, recv=counter.recv, via=via)
-            if not up:
-                down.append(name)
-                errors.append(f"{name}: {last_error}")
+        for name, future in futures.items():
+            targets[name], error = future.result()
+            if not targets[name].up:
+                errors.append(f"{name}: {error}")
+        down = [name for name, t in targets.items() if not t.up]
         ifaces = self._interfaces(opts.interfaces)
         ifaces_down = [name for name, up in ifaces.items() if not up]
         if len(down) == len(targets):
@@ -202,6 +208,9 @@ class LinkProbe(Probe):
             return {}
         stats = psutil.net_if_stats()
         return {name[:64]: bool(name in stats and stats[name].isup) for name in names}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def change_key(self, entry: wire.LinkEntry) -> tuple:
         return (
