@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
+import sys
 import threading
 from pathlib import Path
 
@@ -15,6 +17,34 @@ from agent.probes.base import ProbeContext
 from agent.runner import Clock, Runner, Slot, new_boot_id
 
 log = logging.getLogger("ektp.agent")
+
+
+def hold_lock(path: Path):
+    """One agent per state directory: two would fight over the queue and the client id."""
+    handle = open(path, "a+")
+    try:
+        if sys.platform == "win32":
+            import msvcrt
+
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise SystemExit(f"another ektp-agent is already running with state_dir {path.parent}") from None
+    return handle  # the lock lasts as long as this handle stays open
+
+
+def open_outbox(path: Path, max_bytes: int) -> Outbox:
+    """The on-disk queue, or, if it cannot be opened, one in memory so live reports still flow."""
+    try:
+        return Outbox(path, max_bytes)
+    except (sqlite3.Error, OSError) as exc:
+        log.error("cannot open the report queue %s (%s); reports are kept in memory only and are lost "
+                  "if the agent stops before the broker has them", path, exc)
+        return Outbox(":memory:", max_bytes)
 
 
 def probe_context(config: LoadedConfig) -> ProbeContext:
@@ -37,7 +67,8 @@ class Agent:
             state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SystemExit(f"{config.path}: state_dir: cannot create {state_dir}: {exc.strerror}") from None
-        self.outbox = Outbox(state_dir / "outbox.sqlite", config.queue_max_bytes)
+        self._lock = hold_lock(state_dir / "agent.lock")
+        self.outbox = open_outbox(state_dir / "outbox.sqlite", config.queue_max_bytes)
         self.report_topic = wire.topic(self.kit, "report")
         self.publisher = Publisher(config, self.kit, self.boot, config.raw.heartbeat, self.outbox, self.clock)
         self.runner = Runner(

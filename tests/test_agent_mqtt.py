@@ -146,3 +146,36 @@ def test_queue_bound_drops_oldest_and_reports_the_count(tmp_path, recorder_facto
         assert reports[-1].q.dropped >= min(r.seq for r in reports) - 1
     finally:
         broker.stop()
+
+
+def test_backlog_of_a_killed_agent_is_sent_by_the_next_one(tmp_path, recorder_factory, agent_process):
+    """Reports queued while the broker was away survive kill -9 and go out after restart."""
+    broker = Mosquitto(tmp_path / "broker")
+    cfg = write_agent_config(tmp_path / "a.yaml", broker, tmp_path / "state")
+    first = agent_process(cfg)  # no broker yet
+    wait_for(lambda: len(re.findall(r"report \d+ queued", first.log())) >= 4, timeout=15, what="queued reports")
+    first.kill()
+    queued = [int(n) for n in re.findall(r"report (\d+) queued", first.log())]
+    broker.start()
+    try:
+        rec = recorder_factory(broker)
+        second = agent_process(cfg)
+        old_boot = re.search(r"agent ([0-9a-f]+) starting", first.log()).group(1)
+        wait_for(lambda: {r.seq for r in rec.reports() if r.boot == old_boot} >= set(queued), timeout=20,
+                 what="the first agent's backlog")
+        old = [r for r in rec.reports() if r.boot == old_boot]
+        assert all(r.replay for r in old)
+        assert [r.seq for r in old] == sorted(r.seq for r in old)
+        assert second.proc.poll() is None
+    finally:
+        broker.stop()
+
+
+def test_second_agent_on_the_same_state_dir_refuses_to_start(tmp_path, broker, agent_process):
+    cfg = write_agent_config(tmp_path / "a.yaml", broker, tmp_path / "state")
+    first = agent_process(cfg)
+    wait_for(lambda: "connected to" in first.log(), what="the first agent")
+    second = agent_process(cfg)
+    assert second.proc.wait(20) == 1
+    assert "another ektp-agent is already running" in second.log()
+    assert first.proc.poll() is None
