@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import signal
 import sys
 import threading
@@ -17,10 +19,19 @@ from agent import wire
 from collector import __version__
 
 
+DEFAULT_CONFIG = os.environ.get(
+    "EKTP_COLLECTOR_CONFIG",
+    r"C:\ProgramData\ektp-collector\collector.yaml" if sys.platform == "win32" else "/etc/ektp-collector/collector.yaml",
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ektp-collector", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ektp-collector {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="ingest kit reports, keep fleet state and history, serve metrics")
+    run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides log_level")
     tail = sub.add_parser("tail", help="print decoded status and report messages (one JSON line each)")
     tail.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
     tail.add_argument("--ca", help="CA file for mqtts:// (default: system store)")
@@ -74,8 +85,29 @@ def tail(args, out=sys.stdout) -> int:
     return 0
 
 
+def run(args) -> int:
+    from agent.config import ConfigError
+    from collector.config import load
+    from collector.service import Collector
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"ektp-collector: config error: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel((args.log_level or config.raw.log_level).upper())
+    collector = Collector(config)
+    collector.install_signal_handlers()
+    collector.run()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "run":
+        return run(args)
     if args.command == "tail":
         return tail(args)
     if args.command == "demo":

@@ -1,0 +1,192 @@
+"""MQTT ingest: paho's network thread only queues messages; one worker decodes and applies them.
+
+The worker takes messages in batches, applies each through the wire module and the fleet,
+writes history and the report ledger in one transaction, and only then acknowledges the batch
+(manual PUBACK), so a collector killed mid-batch gets those reports again from the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import time
+from collections import Counter
+from typing import Callable
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent import wire
+from agent.logutil import RateLimitedLog
+from agent.mqtt import build_tls_context
+from collector.config import LoadedCollectorConfig
+from collector.fleet import Event, Fleet, Refused
+from collector.store import Store
+
+log = logging.getLogger("ektp.collector.ingest")
+
+BATCH = 2000
+INBOX_LIMIT = 50_000  # past this, paho's thread waits: the broker holds the rest
+SWEEP_EVERY = 1.0
+SNAPSHOT_EVERY = 2.0
+PRUNE_EVERY = 3600.0
+REFUSAL_REASONS = wire.WireError.REASONS + ("unknown_kit", "capacity", "clock")
+
+
+class Ingest:
+    def __init__(self, config: LoadedCollectorConfig, fleet: Fleet, store: Store,
+                 clock: Callable[[], float] = time.time):
+        self.config = config
+        self.cfg = config.raw.broker
+        self.fleet = fleet
+        self.store = store
+        self.clock = clock
+        self.inbox: queue.Queue = queue.Queue(maxsize=INBOX_LIMIT)
+        self.received = 0
+        self.refused: Counter[str] = Counter({reason: 0 for reason in REFUSAL_REASONS})
+        self.connected = threading.Event()
+        self.listeners: list[Callable[[list[Event], float], None]] = []
+        self._stop = threading.Event()
+        self._rlog = RateLimitedLog(log, every=60.0)
+        self._worker: threading.Thread | None = None
+        self.client = self._make_client()
+
+    def _make_client(self) -> paho.Client:
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.cfg.client_id,
+                             protocol=MQTTProtocolVersion.MQTTv5, manual_ack=True)
+        client.reconnect_delay_set(1, 30)
+        if self.cfg.username:
+            password = self.config.password.reveal() if self.config.password else None
+            client.username_pw_set(self.cfg.username, password)
+        if self.config.broker.tls:
+            tls = self.cfg.tls
+            client.tls_set_context(build_tls_context(tls.ca, tls.cert, tls.key))
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def topics(self) -> list[str]:
+        kabupaten = self.cfg.kabupaten or [None]
+        return [wire.subscription(kab) for kab in kabupaten]
+
+    # -- paho callbacks: no blocking I/O ---------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            self._rlog.warning("refused", "broker refused the connection: %s", reason_code)
+            return
+        log.info("connected to %s:%d%s", self.config.broker.host, self.config.broker.port,
+                 " (session resumed)" if flags.session_present else "")
+        client.subscribe([(topic, 1) for topic in self.topics()])
+        self.connected.set()
+
+    def _on_connect_fail(self, client, userdata):
+        import sys
+
+        exc = sys.exc_info()[1]
+        reason = f"{type(exc).__name__}: {exc}" if exc else "unknown error"
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            reason = f"the broker's TLS certificate was not accepted ({exc.verify_message})"
+        self._rlog.warning("connect", "cannot connect to %s:%d: %s", self.config.broker.host,
+                           self.config.broker.port, reason)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.connected.clear()
+        if not self._stop.is_set():
+            log.warning("disconnected from the broker: %s", reason_code)
+
+    def _on_message(self, client, userdata, msg):
+        self.inbox.put((msg.topic, msg.payload, msg.mid, msg.qos))
+
+    # -- worker ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.cfg.session_expiry
+        props.ReceiveMaximum = self.cfg.receive_maximum
+        self.client.connect_async(self.config.broker.host, self.config.broker.port, keepalive=self.cfg.keepalive,
+                                  clean_start=False, properties=props)
+        self.client.loop_start()
+        self._worker = threading.Thread(target=self._work, name="ingest", daemon=True)
+        self._worker.start()
+
+    def _work(self) -> None:
+        last_sweep = last_snapshot = last_prune = 0.0
+        while not self._stop.is_set():
+            batch = []
+            try:
+                batch.append(self.inbox.get(timeout=0.25))
+                while len(batch) < BATCH:
+                    batch.append(self.inbox.get_nowait())
+            except queue.Empty:
+                pass
+            now = self.clock()
+            try:
+                events, ledgers = self.process(batch, now)
+                if now - last_sweep >= SWEEP_EVERY:
+                    events += self.fleet.sweep(now)
+                    last_sweep = now
+                records = []
+                if now - last_snapshot >= SNAPSHOT_EVERY or events:
+                    records = self.fleet.take_dirty()
+                    last_snapshot = now
+                if events or ledgers or records:
+                    self.store.write(events, ledgers, records, now)
+                if now - last_prune >= PRUNE_EVERY:
+                    self.store.prune(now - self.config.raw.store.history_days * 86400)
+                    last_prune = now
+            except Exception:  # noqa: BLE001 - the broker redelivers what was not acknowledged
+                log.exception("ingest batch failed; not acknowledged, the broker will send it again")
+                self._stop.wait(1.0)
+                continue
+            for _, _, mid, qos in batch:
+                if qos:
+                    self.client.ack(mid, qos)
+            if events:
+                for listener in self.listeners:
+                    try:
+                        listener(events, now)
+                    except Exception:  # noqa: BLE001
+                        log.exception("event listener failed")
+
+    def process(self, batch, now: float) -> tuple[list[Event], list]:
+        """Applies a batch of (topic, payload, mid, qos); returns events and touched ledgers."""
+        events: list[Event] = []
+        touched: dict[tuple, tuple] = {}
+        fleet = self.fleet
+        for topic, payload, _mid, _qos in batch:
+            self.received += 1
+            try:
+                kit_id, kind = wire.parse_topic(topic)
+                if kind == "report":
+                    report = wire.decode_report(payload, kit_id)
+                    events += fleet.apply_report(report, now)
+                    touched[(kit_id, report.boot)] = (kit_id, report.boot)
+                elif payload:  # an empty retained payload only clears the topic
+                    events += fleet.apply_status(kit_id, wire.decode_status(payload), now)
+            except (wire.WireError, Refused) as exc:
+                self.refused[exc.reason] += 1
+                self._rlog.warning(exc.reason, "refused a message on %.120s: %s", topic, exc)
+        ledgers = []
+        for kit_id, boot in touched.values():
+            kit = fleet.kits.get(kit_id)
+            ledger = kit.ledgers.get(boot) if kit else None
+            if ledger is not None:
+                ledgers.append((kit_id, boot, ledger))
+        return events, ledgers
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._worker:
+            self._worker.join(10)
+        self.client.disconnect()
+        self.client.loop_stop()
+        records = self.fleet.take_dirty()
+        if records:
+            self.store.write([], [], records, self.clock())

@@ -1,0 +1,78 @@
+"""The running collector: ingest -> fleet -> (store, metrics, HTTP), wired from a loaded config."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+from prometheus_client import CollectorRegistry
+
+from agent import wire
+from collector.config import LoadedCollectorConfig
+from collector.fleet import Fleet
+from collector.ingest import Ingest
+from collector.metrics import FleetCollector
+from collector.store import Store
+from collector.web import App, BasicAuth, serve
+
+log = logging.getLogger("ektp.collector")
+
+
+class Collector:
+    def __init__(self, config: LoadedCollectorConfig, clock=time.time):
+        self.config = config
+        self.clock = clock
+        self.fleet = Fleet(config.raw)
+        self.store = Store(config.store_path)
+        restored = 0
+        for kit_id, record, ledgers in self.store.load_kits():
+            self.fleet.restore(kit_id, record, ledgers)
+            restored += 1
+        if restored:
+            log.info("restored the state of %d kits from %s", restored, config.store_path)
+        self.ingest = Ingest(config, self.fleet, self.store, clock=clock)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(FleetCollector(self.fleet, self.ingest))
+        auth = BasicAuth(config.basic_auth) if config.basic_auth else None
+        self.app = App(self.fleet, self.registry, store=self.store, ingest=self.ingest, auth=auth)
+        self.server = None
+        self.stop_event = threading.Event()
+
+    def start(self) -> None:
+        self.server = serve(self.app, self.config.listen_host, self.config.listen_port,
+                            self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca)
+        scheme = "https" if self.config.tls_cert else "http"
+        log.info("serving %s://%s:%d/metrics; subscribing to %s", scheme, self.config.listen_host,
+                 self.server.server_port, ", ".join(self.ingest.topics()))
+        self.ingest.start()
+
+    @property
+    def port(self) -> int:
+        return self.server.server_port
+
+    def run(self) -> None:
+        self.start()
+        try:
+            self.stop_event.wait()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.ingest.stop()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+        self.store.close()
+        log.info("collector stopped")
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def install_signal_handlers(self) -> None:
+        for name in ("SIGTERM", "SIGINT"):
+            signal.signal(getattr(signal, name), lambda *_: self.stop())
+
+
+__all__ = ["Collector", "wire"]
