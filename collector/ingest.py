@@ -49,6 +49,7 @@ class Ingest:
         self.received = 0
         self.refused: Counter[str] = Counter({reason: 0 for reason in REFUSAL_REASONS})
         self.connected = threading.Event()
+        self.subscribed = threading.Event()  # the first SUBACK arrived: messages can flow
         self.listeners: list[Callable[[list[Event], float], None]] = []
         self._stop = threading.Event()
         self._rlog = RateLimitedLog(log, every=60.0)
@@ -69,6 +70,7 @@ class Ingest:
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = lambda *args: self.subscribed.set()
         return client
 
     def topics(self) -> list[str]:

@@ -64,6 +64,7 @@ class Collector:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+            self.server = None
         self.store.close()
         log.info("collector stopped")
 

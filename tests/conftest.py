@@ -234,3 +234,53 @@ def agent_process(tmp_path):
     yield make
     for proc in made:
         proc.kill()
+
+
+def write_collector_config(path: Path, mosq: Mosquitto, store: Path, **overrides) -> Path:
+    config = {
+        "broker": {"url": mosq.url, "client_id": f"collector-{path.stem}", "keepalive": 5},
+        "http": {"listen": "127.0.0.1:0"},
+        "store": {"path": str(store)},
+        "fleet": {"required_devices": []},
+        "inventory": {},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict) and key != "inventory":
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def collector_factory(tmp_path):
+    """Starts collectors in this process; each is closed at the end of the test."""
+    from collector.config import load
+    from collector.service import Collector
+
+    made = []
+
+    def make(mosq: Mosquitto, name: str = "collector", **overrides):
+        path = write_collector_config(tmp_path / f"{name}.yaml", mosq, tmp_path / f"{name}.sqlite", **overrides)
+        collector = Collector(load(path))
+        collector.start()
+        made.append(collector)
+        assert collector.ingest.subscribed.wait(10), "the collector did not subscribe"
+        return collector
+
+    yield make
+    for collector in made:
+        if collector.server is not None:
+            collector.close()
+
+
+def http_get(url: str, **kw) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10, **kw) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()

@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from types import MappingProxyType
 
 import msgspec
 import pytest
@@ -35,6 +36,7 @@ from agent.probes.ups import (
     parse_i,
     parse_nut_vars,
     parse_q1,
+    to_entry,
 )
 from agent.runner import InlineExecutor, Runner, Slot
 from collector.devbroker import free_port
@@ -101,9 +103,12 @@ def test_parse_f_and_i():
     # a unit that tells only its firmware (from NUT's blazer sources)
     ident = parse_i("#-------------   ------     VT12046Q  ")
     assert (ident.vendor, ident.model, ident.firmware) == (None, None, "VT12046Q")
-    for bad in ("F", "I", "(226.0 195.0", "#220.0 000 024.0"):
+    for bad in ("F", "(226.0 195.0", "#220.0 000 024.0", "#220.0 000 0x4.0 50.0"):  # echo, wrong reply, ...
         with pytest.raises(ProtocolError):
-            parse_f(bad) if len(bad) > 1 and bad[1] != "2" or bad == "F" else parse_i(bad)
+            parse_f(bad)
+    for bad in ("I", "#short", "(226.0 195.0 226.0 014 49.0 27.5 30.0 00001000"):
+        with pytest.raises(ProtocolError):
+            parse_i(bad)
 
 
 def test_battery_packs_as_nut_detects_them():
@@ -406,10 +411,16 @@ def test_parse_nut_vars_refuses_garbage(lines):
     ("OL OVER", ("warn", "overload", False, False)),
 ])
 def test_nut_status_tokens(status, expect):
-    from agent.probes.ups import to_entry
-
     entry = to_entry(nut_reading({"ups.status": status}), "nut")
     assert (entry.s, entry.c, entry.on_batt, entry.batt_low) == expect
+
+
+def test_nut_status_without_power_source():
+    with pytest.raises(UpsError) as caught:
+        nut_reading({"ups.status": "WAIT"})
+    assert caught.value.code == "no_reply"
+    with pytest.raises(ProtocolError):
+        nut_reading({"ups.status": "ALARM"})
 
 
 def test_nut_reading_maps_values():
@@ -523,9 +534,9 @@ class NutServer:
         return line.split('"')[1] if line.startswith("VAR") else line
 
 
-MAINS = {"ups.status": "OL", "battery.charge": "100", "ups.load": "14", "input.voltage": "226.0",
+MAINS = MappingProxyType({"ups.status": "OL", "battery.charge": "100", "ups.load": "14", "input.voltage": "226.0",
          "output.voltage": "226.0", "input.frequency": "50.0", "battery.voltage": "27.30",
-         "ups.temperature": "30.5"}
+         "ups.temperature": "30.5"})
 
 
 @pytest.fixture
@@ -679,6 +690,8 @@ def test_apcupsd_failed_self_test_is_ups_failed():
     assert apcupsd_reading(fields).failed is True
     with pytest.raises(ProtocolError):
         parse_apcupsd_status("MODEL    : Back-UPS\n")
+    with pytest.raises(ProtocolError):
+        apcupsd_reading({"STATUS": ""})
 
 
 @pytest.mark.parametrize("behaviour", ["close_early", "oversized"])

@@ -45,8 +45,8 @@ def combine(usb: wire.DeviceEntry, answer: PcscAnswer, reader_name: str | None) 
                                count=usb.count or len(matching))
     if usb.s in ("missing", "error"):  # the USB side already says what is wrong, more precisely
         return structs.replace(usb, usable=False) if usb.s == "error" else usb
-    listed = ", ".join(answer.readers) or "none"
-    return structs.replace(usb, s="error", c="pcsc_no_reader", m=f"PC/SC readers: {listed}"[:256], usable=False)
+    listed = ", ".join(answer.readers) or "-"  # the readers PC/SC does list
+    return structs.replace(usb, s="error", c="pcsc_no_reader", m=listed[:256], usable=False)
 
 
 class CardReaderOptions(UsbOptions):

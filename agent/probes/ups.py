@@ -17,6 +17,7 @@ import re
 import socket
 import threading
 import time
+from types import MappingProxyType
 from typing import Annotated, Iterable, Literal
 
 import serial
@@ -40,11 +41,11 @@ _PACKS = (120, 100, 80, 60, 48, 36, 30, 24, 18, 12, 8, 6, 4, 3, 2, 1, 0.5)
 Volts = Annotated[float, Meta(gt=0, le=1000)]
 
 # Which options belong to which driver; setting another driver's option is a config mistake.
-_DRIVER_FIELDS = {
+_DRIVER_FIELDS = MappingProxyType({
     "megatec": frozenset({"port", "baud", "battery_high", "battery_low", "battery_nominal", "reply_timeout"}),
     "nut": frozenset({"host", "port", "ups", "username", "password_file", "reply_timeout"}),
     "apcupsd": frozenset({"host", "port", "reply_timeout"}),
-}
+})
 
 
 class UpsOptions(Struct, forbid_unknown_fields=True):
@@ -184,13 +185,6 @@ def printable(text: str | bytes, limit: int = 200) -> str:
     if isinstance(text, bytes):
         text = text.decode("latin-1")
     return "".join(ch if ch.isprintable() and ord(ch) < 127 else "?" for ch in text[:limit])
-
-
-def _number(token: str) -> float:
-    try:
-        return float(token)
-    except ValueError:
-        raise ProtocolError(f"not a number: {printable(token, 20)!r}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,12 +394,16 @@ def nut_reading(variables: dict[str, str]) -> Reading:
     if status is None:
         raise ProtocolError("upsd sent no ups.status")
     tokens = set(status.upper().split())
+    if "WAIT" in tokens:  # the driver has not reached the UPS yet
+        raise UpsError("no_reply", "upsd: ups.status WAIT (the driver has no data from the UPS yet)")
+    if not tokens & {"OL", "OB", "OFF"}:
+        raise ProtocolError(f"ups.status {printable(status, 40)!r} says neither OL, OB nor OFF")
     test_result = variables.get("ups.test.result", "").lower()
     charge = _maybe_number(variables.get("battery.charge"))
     load = _maybe_number(variables.get("ups.load"))
     replace = "replace battery (RB)" if "RB" in tokens else ""
     return Reading(
-        on_batt="OB" in tokens if tokens & {"OB", "OL"} else None,
+        on_batt="OB" in tokens if tokens & {"OB", "OL"} else None,  # OFF alone: neither
         batt_low="LB" in tokens,
         failed=("fail" in test_result or "error" in test_result) if test_result else None,
         test="CAL" in tokens,
@@ -448,6 +446,9 @@ def apcupsd_reading(fields: dict[str, str]) -> Reading:
     words = set(status.split())
     if "COMMLOST" in words:
         raise UpsError("no_reply", "apcupsd: COMMLOST (it cannot reach the UPS)")
+    shutting_down = "SHUTTING DOWN" in status
+    if not words & {"ONLINE", "ONBATT"} and not shutting_down:
+        raise ProtocolError(f"STATUS {printable(status, 40)!r} says neither ONLINE nor ONBATT")
     charge = _maybe_number(fields.get("BCHARGE"))
     load = _maybe_number(fields.get("LOADPCT"))
     selftest = fields.get("SELFTEST", "").upper()
@@ -459,7 +460,7 @@ def apcupsd_reading(fields: dict[str, str]) -> Reading:
         # apcupsd's last self-test: BT = battery capacity too low, NG = overload
         failed=selftest in {"BT", "NG"} if selftest else None,
         test="CAL" in words,
-        shutdown="SHUTTING DOWN" in status,
+        shutdown=shutting_down,
         bypass=bool(words & {"TRIM", "BOOST"}),
         overload="OVERLOAD" in words,
         replace=replace,

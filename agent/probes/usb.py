@@ -88,7 +88,7 @@ class SysfsDevice(Struct):
 
 SYSFS_ATTRS = ("idVendor", "idProduct", "serial", "manufacturer", "product")
 _INTERFACE_DIR = re.compile(r"^\d+-[\d.]+:\d+\.\d+$")  # <bus>-<ports>:<config>.<interface>
-_HEX4 = re.compile(r"^[0-9a-f]{4}$")
+_HEX4 = re.compile(r"[0-9a-f]{4}")
 
 
 def _read_attr(path: str) -> str | None:
@@ -140,9 +140,9 @@ def _text(value: str | None) -> str | None:
 def parse_sysfs(raw: Iterable[SysfsDevice]) -> list[UsbDevice]:
     devices = []
     for item in raw:
-        vid = (item.attrs.get("idVendor") or "").lower()
-        pid = (item.attrs.get("idProduct") or "").lower()
-        if not (_HEX4.match(vid) and _HEX4.match(pid)):  # going away, or not a device directory
+        vid = (item.attrs.get("idVendor") or "").strip().lower()
+        pid = (item.attrs.get("idProduct") or "").strip().lower()
+        if not (_HEX4.fullmatch(vid) and _HEX4.fullmatch(pid)):  # going away, or not a device directory
             continue
         devices.append(UsbDevice(
             vid=vid,
@@ -318,8 +318,8 @@ def fault(device: UsbDevice, require_driver: bool) -> tuple[str, str] | None:
     if device.problem is None and device.status and device.status.upper() == "ERROR":
         return "device_problem", f"status {device.status}"
     if require_driver and device.interfaces is not None and not device.drivers:
-        where = ", ".join(device.unbound) if device.unbound else "no active USB configuration"
-        return "driver_not_bound", where
+        # the interfaces without a driver; none at all means no USB configuration is active
+        return "driver_not_bound", ", ".join(device.unbound)
     return None
 
 
@@ -346,7 +346,7 @@ def evaluate(devices: Iterable[UsbDevice], ids: Iterable[str], serial: str | Non
         code, detail = problem
         return structs.replace(entry, s="error", c=code, m=detail[:256])
     if serial is not None and not _same_serial(unit.serial, serial):
-        detail = f"serial {unit.serial or '(none)'}, expected {serial}"
+        detail = f"{unit.serial or '-'} / {serial}"  # found / expected; words come from messages.py
         return structs.replace(entry, s="warn", c="other_unit", m=detail[:256])
     return entry
 

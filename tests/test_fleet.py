@@ -1,0 +1,201 @@
+"""Fleet state and rules, driven by hand-made messages and an explicit clock."""
+
+import msgspec
+import pytest
+
+from agent import wire
+from collector.config import CollectorConfig
+from collector.fleet import Fleet, Ledger, Refused
+
+KIT = wire.KitId("sintang", "dedai", "kit-1")
+T0 = 1_800_000_000.0
+DEVICES = ("fingerprint", "iris", "camera", "signature_pad")
+
+
+def config(**fleet) -> CollectorConfig:
+    return msgspec.convert({
+        "broker": {"url": "mqtt://127.0.0.1"},
+        "fleet": fleet,
+        "inventory": {"sintang": {"kecamatan": {"dedai": {"kits": ["kit-1", "kit-2"], "lat": 0.1, "lon": 111.2}}}},
+    }, CollectorConfig)
+
+
+def status(state="online", boot="aaaaaaaa", **kw):
+    return wire.Status(v=1, state=state, boot=boot, hb=60, agent="0.1.0", host="pc", os="linux", **kw)
+
+
+def report(seq, boot="aaaaaaaa", ts=T0, replay=False, kit=KIT, **states):
+    entries = {name: wire.DeviceEntry(s=states.get(name, "ok"), serial=f"SN-{name}") for name in DEVICES}
+    entries["ups"] = wire.UpsEntry(s="ok", on_batt=states.get("on_batt", False), batt_low=False)
+    entries["link"] = wire.LinkEntry(s="ok", targets={"district": wire.LinkTarget(up=states.get("link", True))})
+    return wire.Report(v=1, kab=kit.kabupaten, kec=kit.kecamatan, kit=kit.kit, ts=ts, boot=boot, seq=seq, hb=60,
+                       p=entries, replay=replay)
+
+
+def kinds(events):
+    return [(e.kind, e.subject, e.old, e.new) for e in events]
+
+
+def test_expected_kits_exist_before_any_message():
+    fleet = Fleet(config())
+    fleet.sweep(T0)
+    kits = {k.id: k for k in fleet.snapshot()}
+    assert set(kits) == {KIT, wire.KitId("sintang", "dedai", "kit-2")}
+    assert not any(k.online or k.ready for k in kits.values())
+    assert all(k.expected and k.ready_changed == T0 for k in kits.values())
+    assert fleet.coords[("sintang", "dedai")] == (0.1, 111.2)
+
+
+def test_online_and_ready_need_status_and_a_fresh_report():
+    fleet = Fleet(config())
+    fleet.apply_status(KIT, status(), T0)
+    assert not fleet.get(KIT).online, "a retained 'online' alone proves nothing"
+    events = fleet.apply_report(report(1), T0 + 1)
+    kit = fleet.get(KIT)
+    assert kit.online and kit.ready
+    assert ("ready", "", "not_ready", "ready") in kinds(events)
+    # three heartbeats of silence: offline, though the status still says online
+    assert fleet.sweep(T0 + 1 + 180) == []
+    events = fleet.sweep(T0 + 1 + 181)
+    assert ("online", "", "online", "offline") in kinds(events)
+    assert ("ready", "", "ready", "not_ready") in kinds(events)
+    assert events[-1].detail == "offline"
+
+
+def test_missing_device_makes_kit_not_ready_and_says_which():
+    fleet = Fleet(config())
+    fleet.apply_status(KIT, status(), T0)
+    fleet.apply_report(report(1), T0)
+    events = fleet.apply_report(report(2, iris="missing"), T0 + 5)
+    assert ("device", "iris", "ok", "missing") in kinds(events)
+    ready = [e for e in events if e.kind == "ready"][0]
+    assert (ready.new, ready.detail) == ("not_ready", "iris")
+    kit = fleet.get(KIT)
+    assert not kit.ready and kit.device_changed["iris"] == T0 + 5
+
+
+def test_ups_and_link_are_not_required_by_default_but_make_events():
+    fleet = Fleet(config())
+    fleet.apply_status(KIT, status(), T0)
+    fleet.apply_report(report(1), T0)
+    events = fleet.apply_report(report(2, on_batt=True, link=False), T0 + 5)
+    assert ("power", "ups", "mains", "battery") in kinds(events)
+    assert ("link", "district", "up", "down") in kinds(events)
+    assert fleet.get(KIT).ready
+
+
+def test_required_set_is_configurable():
+    fleet = Fleet(config(required_devices=["fingerprint", "ups"]))
+    fleet.apply_status(KIT, status(), T0)
+    fleet.apply_report(report(1, iris="missing"), T0)
+    assert fleet.get(KIT).ready
+
+
+def test_offline_will_ends_online_at_once():
+    fleet = Fleet(config())
+    fleet.apply_status(KIT, status(), T0)
+    fleet.apply_report(report(1), T0)
+    events = fleet.apply_status(KIT, status("offline", reason="lost"), T0 + 10)
+    assert ("online", "", "online", "offline") in kinds(events)
+
+
+def test_late_will_of_an_earlier_run_is_ignored():
+    fleet = Fleet(config())
+    fleet.apply_status(KIT, status(boot="bbbbbbbb"), T0)
+    fleet.apply_report(report(1, boot="bbbbbbbb"), T0)
+    assert fleet.apply_status(KIT, status("offline", boot="aaaaaaaa", reason="lost"), T0 + 1) == []
+    assert fleet.get(KIT).online
+
+
+def test_duplicates_dropped_by_boot_and_seq():
+    fleet = Fleet(config())
+    fleet.apply_status(KIT, status(), T0)
+    assert fleet.apply_report(report(1), T0)
+    assert fleet.apply_report(report(1), T0 + 1) == []
+    kit = fleet.get(KIT)
+    assert (kit.reports, kit.duplicates) == (1, 1)
+
+
+def test_replay_goes_to_history_but_never_moves_state_back():
+    fleet = Fleet(config())
+    fleet.apply_status(KIT, status(), T0)
+    fleet.apply_report(report(1), T0)
+    # outage: seq 2..4 queued on the kit; seq 5 (live, iris now fine) arrives first after reconnect
+    fleet.apply_report(report(5, ts=T0 + 400), T0 + 500)
+    events = []
+    for seq, iris in ((2, "ok"), (3, "missing"), (4, "missing")):
+        events += fleet.apply_report(report(seq, ts=T0 + seq * 100, replay=True, iris=iris), T0 + 501)
+    kit = fleet.get(KIT)
+    assert kit.seq == 5 and kit.entries["iris"].s == "ok" and kit.ready, "the current state stays at seq 5"
+    replayed = [e for e in events if e.replayed]
+    assert [(e.kind, e.subject, e.old, e.new, e.agent_ts) for e in replayed] == [
+        ("device", "iris", "ok", "missing", T0 + 300)
+    ]
+    assert kit.replayed == 3
+    assert kit.ledgers["aaaaaaaa"].ranges == [[1, 5]]
+
+
+def test_new_boot_takes_over_and_old_backlog_is_history_only():
+    fleet = Fleet(config())
+    fleet.apply_status(KIT, status(boot="aaaaaaaa"), T0)
+    fleet.apply_report(report(1, boot="aaaaaaaa"), T0)
+    fleet.apply_status(KIT, status(boot="bbbbbbbb"), T0 + 100)
+    fleet.apply_report(report(1, boot="bbbbbbbb", iris="missing"), T0 + 100)
+    fleet.apply_report(report(2, boot="aaaaaaaa", replay=True), T0 + 101)
+    kit = fleet.get(KIT)
+    assert (kit.boot, kit.seq, kit.entries["iris"].s) == ("bbbbbbbb", 1, "missing")
+
+
+def test_swapped_unit_is_an_identity_event():
+    fleet = Fleet(config())
+    fleet.apply_status(KIT, status(), T0)
+    fleet.apply_report(report(1), T0)
+    swapped = report(2)
+    swapped.p["fingerprint"] = wire.DeviceEntry(s="ok", serial="LENT-FROM-SEPAUK")
+    events = fleet.apply_report(swapped, T0 + 1)
+    assert ("identity", "fingerprint", "SN-fingerprint", "LENT-FROM-SEPAUK") in kinds(events)
+
+
+def test_unknown_kits_policy_and_cap():
+    stranger = wire.KitId("sintang", "sepauk", "kit-9")
+    refusing = Fleet(config(unknown_kits="refuse"))
+    with pytest.raises(Refused) as err:
+        refusing.apply_report(report(1, kit=stranger), T0)
+    assert err.value.reason == "unknown_kit"
+    capped = Fleet(config(max_kits=2))
+    with pytest.raises(Refused) as err:
+        capped.apply_report(report(1, kit=stranger), T0)
+    assert err.value.reason == "capacity"
+    accepting = Fleet(config())
+    accepting.apply_report(report(1, kit=stranger), T0)
+    assert not accepting.get(stranger).expected
+
+
+@pytest.mark.parametrize("skew", [-401 * 86400, 3 * 86400])
+def test_absurd_timestamps_refused(skew):
+    fleet = Fleet(config())
+    with pytest.raises(Refused) as err:
+        fleet.apply_report(report(1, ts=T0 + skew), T0)
+    assert err.value.reason == "clock"
+
+
+@pytest.mark.parametrize("jump", [-6 * 3600, 6 * 3600])
+def test_kit_clock_jump_does_not_change_liveness(jump):
+    fleet = Fleet(config())
+    fleet.apply_status(KIT, status(), T0)
+    fleet.apply_report(report(1, ts=T0), T0)
+    fleet.apply_report(report(2, ts=T0 + 60 + jump), T0 + 60)
+    fleet.sweep(T0 + 120)
+    assert fleet.get(KIT).online and fleet.get(KIT).ready
+
+
+def test_ledger_merges_ranges_and_finds_gaps():
+    ledger = Ledger()
+    for seq in [1, 2, 3, 7, 5, 6, 10]:
+        assert ledger.add(seq)
+    assert ledger.ranges == [[1, 3], [5, 7], [10, 10]]
+    assert not ledger.add(6)
+    assert ledger.gaps() == [(4, 4), (8, 9)]
+    for seq in (4, 8, 9):
+        ledger.add(seq)
+    assert ledger.ranges == [[1, 10]] and ledger.count() == 10
