@@ -188,6 +188,9 @@ def _explain(exc: msgspec.ValidationError, prefix: str) -> tuple[str, str]:
     if match:
         path = match.group(1)
         text = text[: match.start()]
+    elif match := re.search(r" - at `key` in `\$(.*)`$", text):  # a mapping's key is wrong
+        path = match.group(1)
+        text = text[: match.start()] + " (in a key name)"
     key = (prefix + path).lstrip(".").replace(".[", "[")
     join = (lambda name: f"{key}.{name}" if key else name)
     if m := re.match(r"Object missing required field `(.+)`", text):
@@ -197,7 +200,8 @@ def _explain(exc: msgspec.ValidationError, prefix: str) -> tuple[str, str]:
     if m := re.match(r"Expected `(.+?)`, got `(.+)`", text):
         return key, f"expected {_words(m.group(1))}, got {_words(m.group(2))}"
     if "matching regex" in text:
-        return key, "expected lower-case letters, digits, '-' or '_' (at most 48, starting with a letter or digit)"
+        what = "key names use" if text.endswith("(in a key name)") else "expected"
+        return key, f"{what} lower-case letters, digits, '-' or '_' (at most 48, starting with a letter or digit)"
     if m := re.match(r"Expected `(.+?)` (>=|<=|>|<) (.+)", text):
         return key, f"expected {_words(m.group(1))} {m.group(2)} {m.group(3)}"
     if m := re.match(r"Invalid enum value (.+)", text):
@@ -207,7 +211,7 @@ def _explain(exc: msgspec.ValidationError, prefix: str) -> tuple[str, str]:
 
 def _name_dict_keys(data: Any, type_: type, text: str) -> str:
     """msgspec writes `[...]` for a key of a mapping; find which key it was by retrying."""
-    match = re.search(r" - at `\$(.*)`$", text)
+    match = re.search(r" - at (?:`key` in )?`\$(.*)`$", text)
     if not match or "[...]" not in match.group(1):
         return text
     path = match.group(1)
