@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # command:package pairs needed from the system (tests start their own daemons on loopback)
-SYSTEM_DEPS := mosquitto:mosquitto promtool:prometheus prometheus:prometheus ping:iputils-ping
+SYSTEM_DEPS := mosquitto:mosquitto promtool:prometheus prometheus:prometheus ping:iputils-ping \
+	dummy-ups:nut-server upsd:nut-server amtool:prometheus-alertmanager
 PYTEST_ARGS ?=
 
 .PHONY: test demo deps sysdeps venv clean
@@ -22,7 +23,8 @@ sysdeps:
 	@missing=""; \
 	for pair in $(SYSTEM_DEPS); do \
 	  cmd=$${pair%%:*}; pkg=$${pair##*:}; \
-	  command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || [ -x /usr/bin/$$cmd ] || missing="$$missing $$pkg"; \
+	  command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || [ -x /usr/bin/$$cmd ] || \
+	    [ -x /lib/nut/$$cmd ] || missing="$$missing $$pkg"; \
 	done; \
 	missing=$$(printf '%s\n' $$missing | sort -u | tr '\n' ' '); \
 	if [ -n "$${missing// /}" ]; then \

@@ -58,7 +58,8 @@ class Catalogue(Struct, frozen=True, forbid_unknown_fields=True):
     def lookup(self, vid: str, pid: str) -> list[tuple[str, CatalogueEntry]]:
         """(kind, entry) for every catalogue entry with this id."""
         wanted = f"{vid}:{pid}".lower()
-        return [(kind, entry) for kind, body in self.kinds.items() for entry in body.candidates if entry.id == wanted]
+        return [(kind, entry) for kind, body in self.kinds.items()
+                for entry in body.candidates if entry.id == wanted]
 
     def ids(self, kind: str) -> list[str]:
         body = self.kinds.get(kind)
@@ -160,7 +161,8 @@ class UsbNamer:
         return vendor or product
 
 
-def describe_usb(vid: str, pid: str, catalogue: Catalogue | None = None, namer: UsbNamer | None = None) -> str | None:
+def describe_usb(vid: str, pid: str, catalogue: Catalogue | None = None,
+                 namer: UsbNamer | None = None) -> str | None:
     """A name for a USB id: the catalogue's (with its kind), else usb.ids', else None."""
     if catalogue is not None:
         found = catalogue.lookup(vid, pid)

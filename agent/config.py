@@ -199,9 +199,11 @@ def _explain(exc: msgspec.ValidationError, prefix: str) -> tuple[str, str]:
         return join(m.group(1)), "unknown key (check the spelling; see config/agent.example.yaml)"
     if m := re.match(r"Expected `(.+?)`, got `(.+)`", text):
         return key, f"expected {_words(m.group(1))}, got {_words(m.group(2))}"
-    if "matching regex" in text:
+    if "matching regex" in text and wire.SLUG_PATTERN in text:
         what = "key names use" if text.endswith("(in a key name)") else "expected"
         return key, f"{what} lower-case letters, digits, '-' or '_' (at most 48, starting with a letter or digit)"
+    if m := re.match(r"Expected `str` matching regex '(.+)'", text):
+        return key, f"expected text of the form {m.group(1)}"
     if m := re.match(r"Expected `(.+?)` (>=|<=|>|<) (.+)", text):
         return key, f"expected {_words(m.group(1))} {m.group(2)} {m.group(3)}"
     if m := re.match(r"Invalid enum value (.+)", text):

@@ -36,6 +36,35 @@ REASONS = {
     "target_down": {"id": "sebagian tujuan tidak menjawab: {m}", "en": "some targets do not answer: {m}"},
     "interface_down": {"id": "antarmuka jaringan mati: {m}", "en": "network interface down: {m}"},
     "not_detected": {"id": "{title} tidak terdeteksi", "en": "{title} not detected"},
+    "other_unit": {"id": "unit lain terpasang (nomor seri terpasang / terdaftar: {m}); pinjaman atau pengganti?",
+                   "en": "a different unit is plugged in (serial found / expected: {m}); lent or replaced?"},
+    "driver_not_bound": {"id": "terpasang tetapi tidak ada driver yang aktif: {m}",
+                         "en": "plugged in but no driver is bound: {m}"},
+    "device_problem": {"id": "terpasang tetapi bermasalah di Device Manager (kode {m})",
+                       "en": "plugged in but Device Manager shows a problem (code {m})"},
+    "not_usable": {"id": "terpasang tetapi tidak dapat dipakai: {m}", "en": "plugged in but not usable: {m}"},
+    "pcsc_no_reader": {"id": "terpasang tetapi tidak terlihat di layanan kartu pintar (PC/SC); yang terlihat: {m}",
+                       "en": "plugged in but the smart-card service (PC/SC) does not list it; it lists: {m}"},
+    "usb_unreadable": {"id": "daftar perangkat USB tidak dapat dibaca: {m}", "en": "cannot list USB devices: {m}"},
+    "on_battery": {"id": "UPS memakai baterai (listrik PLN padam): {m}", "en": "UPS on battery (mains power failed): {m}"},
+    "battery_low": {"id": "baterai UPS hampir habis, peralatan akan segera mati: {m}",
+                    "en": "UPS battery low, the kit will lose power soon: {m}"},
+    "ups_failed": {"id": "UPS melaporkan kerusakan (atau uji baterai gagal): {m}",
+                   "en": "the UPS reports a fault (or a failed battery test): {m}"},
+    "ups_shutdown": {"id": "UPS sedang mematikan listrik ke peralatan: {m}", "en": "the UPS is shutting down its output: {m}"},
+    "ups_off": {"id": "keluaran listrik UPS mati: {m}", "en": "the UPS output is off: {m}"},
+    "overload": {"id": "UPS kelebihan beban, kurangi alat yang dicolokkan: {m}",
+                 "en": "the UPS is overloaded; unplug some equipment: {m}"},
+    "replace_battery": {"id": "baterai UPS perlu diganti: {m}", "en": "the UPS battery needs replacing: {m}"},
+    "no_reply": {"id": "UPS tidak menjawab (periksa kabel data dan apakah UPS menyala): {m}",
+                 "en": "the UPS does not answer (check the data cable and that the UPS is on): {m}"},
+    "garbled_reply": {"id": "jawaban UPS tidak dapat dibaca (periksa kabel dan pengaturan): {m}",
+                      "en": "the UPS reply cannot be read (check the cable and settings): {m}"},
+    "port_unavailable": {"id": "port serial UPS tidak dapat dibuka (kabel USB-serial tercabut?): {m}",
+                         "en": "cannot open the UPS serial port (USB-serial cable unplugged?): {m}"},
+    "daemon_unreachable": {"id": "layanan UPS (NUT/apcupsd) tidak dapat dihubungi: {m}",
+                           "en": "cannot reach the UPS service (NUT/apcupsd): {m}"},
+    "daemon_error": {"id": "layanan UPS menolak permintaan: {m}", "en": "the UPS service refused the request: {m}"},
 }
 
 
@@ -82,6 +111,31 @@ def readings(entry, lang: str = "id") -> str:
             parts.append(f"{name} {state}{rtt} ({target.recv}/{target.sent})")
         for name, up in entry.ifaces.items():
             parts.append(f"{name} {iface_word[0] if up else iface_word[1]}")
+    elif kind == "dev":
+        name = " ".join(p for p in (entry.vendor, entry.product) if p) or (
+            f"{entry.vid}:{entry.pid}" if entry.vid else "")
+        if name:
+            parts.append(name)
+        if entry.serial:
+            parts.append(("no. seri " if lang == "id" else "serial ") + entry.serial)
+        if entry.bus:
+            parts.append(("port USB " if lang == "id" else "USB port ") + entry.bus)
+        if entry.count and entry.count > 1:
+            parts.append(f"{entry.count} unit")
+    elif kind == "ups":
+        w = {"id": ("baterai", "listrik PLN", "beban", "isi baterai (perkiraan)", "masukan"),
+             "en": ("on battery", "mains", "load", "charge (estimate)", "input")}[lang]
+        if entry.on_batt is not None:
+            parts.append(w[0] if entry.on_batt else w[1])
+        if entry.in_v is not None:
+            parts.append(f"{w[4]} {entry.in_v:.0f} V")
+        if entry.load is not None:
+            parts.append(f"{w[2]} {entry.load * 100:.0f}%")
+        if entry.charge is not None:
+            parts.append(f"{w[3]} {entry.charge * 100:.0f}%")
+        model = " ".join(p for p in (entry.vendor, entry.model) if p)
+        if model:
+            parts.append(model)
     return ", ".join(parts)
 
 

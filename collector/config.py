@@ -77,12 +77,66 @@ class KabupatenConfig(Struct, forbid_unknown_fields=True):
     name: str | None = None
 
 
+Seconds = Annotated[int, Meta(ge=0, le=30 * 86400)]
+
+
+class SmtpConfig(Struct, forbid_unknown_fields=True):
+    host: str
+    port: Annotated[int, Meta(ge=1, le=65535)] | None = None  # default: 587, 465 for tls, 25 for none
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    username: str | None = None
+    password_file: str | None = None
+    ca: str | None = None  # CA bundle for the server's certificate; default: system store
+    timeout: Annotated[float, Meta(gt=0, le=300)] = 30.0
+    from_address: str = "ektp-monitor@localhost"
+
+
+class HoldConfig(Struct, forbid_unknown_fields=True):
+    hold: Seconds  # the condition must last this long before an email goes out
+    recover: Seconds  # and must be gone this long before "recovered" is sent
+
+
+def _hold(hold: int, recover: int):
+    return msgspec.field(default_factory=lambda: HoldConfig(hold, recover))
+
+
+class LinkAlertConfig(HoldConfig, forbid_unknown_fields=True):
+    target: Slug = "district"  # the link probe target whose silence is alerted
+
+
+class StaleConfig(Struct, forbid_unknown_fields=True):
+    hold: Seconds = 3600  # after the collector starts, before a silent expected kit is reported
+    repeat: Annotated[int, Meta(ge=3600)] = 86400
+
+
+class RecipientsConfig(Struct, forbid_unknown_fields=True):
+    everywhere: list[str] = []  # receive every kabupaten's alerts
+    kabupaten: dict[Slug, list[str]] = {}
+
+
+class AlertsConfig(Struct, forbid_unknown_fields=True):
+    smtp: SmtpConfig | None = None  # no smtp: alerts are evaluated and kept, nothing is sent
+    language: Literal["id", "en"] = "id"
+    timezone: str = "Asia/Jakarta"
+    recipients: RecipientsConfig = msgspec.field(default_factory=RecipientsConfig)
+    test_address: str | None = None  # dry run: every email goes here instead
+    kit_down: HoldConfig = _hold(300, 300)
+    power: HoldConfig = _hold(60, 120)
+    link: LinkAlertConfig = msgspec.field(default_factory=lambda: LinkAlertConfig(300, 120))
+    stale: StaleConfig = msgspec.field(default_factory=StaleConfig)
+    reminder_every: Annotated[int, Meta(ge=3600)] = 86400
+    digest_window: Annotated[int, Meta(ge=0, le=3600)] = 120
+    evaluate_every: Annotated[float, Meta(gt=0, le=300)] = 5.0
+    templates_dir: str | None = None
+
+
 class CollectorConfig(Struct, forbid_unknown_fields=True):
     broker: BrokerConfig
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     fleet: FleetConfig = msgspec.field(default_factory=FleetConfig)
     inventory: dict[Slug, KabupatenConfig] = {}
+    alerts: AlertsConfig = msgspec.field(default_factory=AlertsConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -105,6 +159,7 @@ class LoadedCollectorConfig(Struct):
     tls_key: str | None
     tls_client_ca: str | None
     basic_auth: dict[str, bytes]
+    smtp_password: Secret | None = None
 
 
 def default_store_path() -> Path:
@@ -164,7 +219,37 @@ def load(path: str | os.PathLike) -> LoadedCollectorConfig:
         _check_readable(raw.http.web_config, file, "http.web_config")
         cert, key, client_ca, users = _web_config(raw.http.web_config, file)
     store = Path(raw.store.path) if raw.store.path else default_store_path()
+    smtp_password = _check_alerts(raw.alerts, file)
     kits = sum(len(kec.kits) for kab in raw.inventory.values() for kec in kab.kecamatan.values())
     if kits > raw.fleet.max_kits:
         raise ConfigError(file, "fleet.max_kits", f"the inventory lists {kits} kits, more than max_kits")
-    return LoadedCollectorConfig(file, raw, broker, password, host, port, store, cert, key, client_ca, users)
+    return LoadedCollectorConfig(file, raw, broker, password, host, port, store, cert, key, client_ca, users,
+                                 smtp_password)
+
+
+def _check_alerts(alerts: AlertsConfig, file: str) -> Secret | None:
+    try:
+        from zoneinfo import ZoneInfo
+
+        ZoneInfo(alerts.timezone)
+    except Exception:  # noqa: BLE001 - ZoneInfo raises several kinds
+        raise ConfigError(file, "alerts.timezone", f"unknown time zone {alerts.timezone!r}; e.g. Asia/Jakarta, "
+                          "Asia/Makassar, Asia/Jayapura") from None
+    addresses = [("alerts.test_address", alerts.test_address)] if alerts.test_address else []
+    addresses += [(f"alerts.recipients.everywhere[{i}]", a) for i, a in enumerate(alerts.recipients.everywhere)]
+    for kab, items in alerts.recipients.kabupaten.items():
+        addresses += [(f"alerts.recipients.kabupaten.{kab}[{i}]", a) for i, a in enumerate(items)]
+    for key, address in addresses:
+        if "@" not in address or any(c in address for c in " \r\n,;<>"):
+            raise ConfigError(file, key, f"{address!r} is not an email address")
+    if alerts.templates_dir:
+        _check_readable(alerts.templates_dir, file, "alerts.templates_dir")
+    smtp = alerts.smtp
+    if smtp is None:
+        return None
+    _check_readable(smtp.ca, file, "alerts.smtp.ca")
+    if smtp.password_file:
+        if not smtp.username:
+            raise ConfigError(file, "alerts.smtp.username", "required when alerts.smtp.password_file is set")
+        return read_secret(smtp.password_file, file, "alerts.smtp.password_file")
+    return None

@@ -10,6 +10,9 @@ import time
 from prometheus_client import CollectorRegistry
 
 from agent import wire
+from collector.alerts.engine import AlertEngine, AlertStore
+from collector.alerts.mailer import AlertService, Mailer
+from collector.alerts.render import Renderer
 from collector.config import LoadedCollectorConfig
 from collector.fleet import Fleet
 from collector.ingest import Ingest
@@ -37,6 +40,13 @@ class Collector:
         self.registry.register(FleetCollector(self.fleet, self.ingest))
         auth = BasicAuth(config.basic_auth) if config.basic_auth else None
         self.app = App(self.fleet, self.registry, store=self.store, ingest=self.ingest, auth=auth)
+        alerts = config.raw.alerts
+        self.alert_store = AlertStore(config.store_path)
+        self.alert_engine = AlertEngine(alerts, self.fleet, self.alert_store, clock(),
+                                        deliver=alerts.smtp is not None)
+        self.mailer = Mailer(alerts, config.smtp_password, self.alert_store,
+                             Renderer(alerts.language, alerts.timezone, alerts.templates_dir))
+        self.alerts = AlertService(self.alert_engine, self.mailer, alerts.evaluate_every, clock)
         self.server = None
         self.stop_event = threading.Event()
 
@@ -47,6 +57,9 @@ class Collector:
         log.info("serving %s://%s:%d/metrics; subscribing to %s", scheme, self.config.listen_host,
                  self.server.server_port, ", ".join(self.ingest.topics()))
         self.ingest.start()
+        self.alerts.start()
+        if self.config.raw.alerts.smtp is None:
+            log.info("no alerts.smtp configured: alerts are tracked but no email is sent")
 
     @property
     def port(self) -> int:
@@ -60,12 +73,14 @@ class Collector:
             self.close()
 
     def close(self) -> None:
+        self.alerts.stop()
         self.ingest.stop()
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
         self.store.close()
+        self.alert_store.close()
         log.info("collector stopped")
 
     def stop(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import shutil
 import socket
 import socketserver
@@ -19,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent import wire
-from agent.config import ConfigError, convert
+from agent.config import ConfigError, convert, load
 from agent.probes.base import ProbeContext
 from agent.probes.ups import (
     ProtocolError,
@@ -156,6 +157,22 @@ def test_charge_estimate_is_bounded_and_monotonic(v1, v2, nominal):
 def test_options_refuse_mistakes_with_a_reason(options, message):
     with pytest.raises(ConfigError, match=message):
         convert(options, UpsOptions, "agent.yaml", ".probes.ups")
+
+
+def test_options_from_an_agent_config_file(tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text(
+        "kit: {kabupaten: sintang, kecamatan: dedai, id: kit-1}\n"
+        "broker: {url: 'mqtt://127.0.0.1:1883'}\n"
+        "probes:\n"
+        "  ups: {port: /dev/ttyUSB0, battery_low: 1.75, battery_high: 2.25, interval: 10}\n"
+        "  ups-nut: {type: ups, driver: nut, ups: kit, host: 192.168.1.5}\n")
+    specs = {spec.name: spec for spec in load(path, registry={"ups": UpsProbe}).probes}
+    assert (specs["ups"].type, specs["ups"].options.port, specs["ups"].options.battery_low) == ("ups", "/dev/ttyUSB0", 1.75)
+    assert (specs["ups-nut"].options.host, specs["ups-nut"].options.tcp_port) == ("192.168.1.5", 3493)
+    path.write_text(path.read_text().replace("ups: kit, ", ""))
+    with pytest.raises(ConfigError, match="probes.ups-nut: driver nut needs `ups`"):
+        load(path, registry={"ups": UpsProbe})
 
 
 def test_options_defaults_per_driver():
@@ -596,6 +613,39 @@ def test_nut_password_file_unreadable_is_an_error_entry(tmp_path):
     assert (entry.s, entry.c) == ("error", "probe_failed") and "missing.pw" in entry.m
 
 
+def nutdrv_qx_dump(port: str, workdir: Path, *extra: str) -> dict[str, str]:
+    """What NUT's own Megatec driver reads from a serial port (one update, then it exits)."""
+    env = {**os.environ, "NUT_STATEPATH": str(workdir), "NUT_CONFPATH": str(workdir),
+           "NUT_ALTPIDPATH": str(workdir)}
+    done = subprocess.run([_find("nutdrv_qx"), "-s", "emu", "-x", f"port={port}", "-x", "protocol=megatec",
+                           "-u", getpass.getuser(), "-d", "1", *extra],
+                          capture_output=True, text=True, timeout=60, env=env, cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    return dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line)
+
+
+@pytest.mark.parametrize("per_cell", [False, True])
+@pytest.mark.parametrize("mode", ["mains", "mains_failure", "battery_low"])
+def test_megatec_probe_agrees_with_nut_on_the_emulator(tmp_path, probe_factory, mode, per_cell):
+    """NUT's nutdrv_qx is an independent reading of the same protocol: emulator and parser agree with it."""
+    ups = MegatecUps(mode, per_cell=per_cell)
+    # NUT 2.8's nutdrv_qx guesses the cell count only with runtimecal set; tell it instead.
+    extra = ("-x", "default.battery.packs=12") if per_cell else ()
+    with MegatecPty(ups) as pty:
+        nut = nutdrv_qx_dump(pty.path, tmp_path, *extra)
+        entry = probe_factory(port=pty.path, reply_timeout=0.5).run()
+    tokens = nut["ups.status"].split()
+    assert (entry.on_batt, entry.batt_low) == ("OB" in tokens, "LB" in tokens)
+    assert (entry.in_v, entry.out_v, entry.in_hz) == (float(nut["input.voltage"]), float(nut["output.voltage"]),
+                                                      float(nut["input.frequency"]))
+    assert entry.load == float(nut["ups.load"]) / 100 and entry.temp == float(nut["ups.temperature"])
+    # the probe reports the whole battery; nutdrv_qx shows the reading and its multiple apart
+    whole = float(nut["battery.voltage"]) * float(nut.get("battery.packs", 1))
+    assert entry.batt_v == pytest.approx(whole, abs=0.01)
+    assert entry.charge == pytest.approx(float(nut["battery.charge"]) / 100, abs=0.006)  # NUT rounds to 1 %
+    assert (entry.vendor, entry.model) == (nut["device.mfr"], nut["device.model"])
+
+
 # ---------------------------------------------------------------------------------------------
 # apcupsd NIS: a loopback responder speaking the length-prefixed protocol
 
@@ -716,3 +766,12 @@ def test_change_key_carries_power_flags():
     mains = wire.UpsEntry(s="warn", c="replace_battery", on_batt=False, batt_low=False)
     outage = msgspec.structs.replace(mains, on_batt=True)
     assert p.change_key(mains) != p.change_key(outage)
+
+
+def test_every_code_in_the_source_is_declared():
+    """agent/messages.py words every declared code; an undeclared one would reach people bare."""
+    source = (Path(__file__).resolve().parent.parent / "agent" / "probes" / "ups.py").read_text()
+    used = set(re.findall(r'(?:_error|UpsError)\("([a-z_]+)"', source))
+    used |= set(re.findall(r'"(?:error|warn)", "([a-z_]+)"', source))
+    used |= set(re.findall(r'code = "([a-z_]+)"', source))
+    assert used and used <= set(UpsProbe.codes) | set(UpsProbe.RUNNER_CODES), sorted(used - set(UpsProbe.codes))

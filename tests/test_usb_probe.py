@@ -42,6 +42,7 @@ from agent.probes.usb import (
     UsbListError,
     UsbProbe,
     evaluate,
+    list_usb_devices,
     parse_pnp_json,
     parse_sysfs,
     read_sysfs_usb,
@@ -411,7 +412,8 @@ def test_v4l2_on_dev_null_and_on_a_missing_node(tmp_path):
     entry = make("camera", context(), v4l2="/dev/null").run()
     assert (entry.s, entry.c, entry.m) == ("error", "not_usable", f"/dev/null: {os.strerror(errno.ENOTTY)}")
     entry = make("camera", context(dev=tmp_path), v4l2="video7").run()
-    assert (entry.s, entry.c, entry.m) == ("error", "not_usable", f"{tmp_path / 'video7'}: No such file or directory")
+    assert (entry.s, entry.c) == ("error", "not_usable")
+    assert entry.m == f"{tmp_path / 'video7'}: {os.strerror(errno.ENOENT)}"
 
 
 def capability(device_caps: int, card: bytes = b"HD Pro Webcam C920") -> bytes:
@@ -609,9 +611,10 @@ def test_catalogue_refuses_an_entry_without_source():
 def test_usb_ids_parsing():
     ids = parse_usb_ids((FIXTURES / "usb.ids").read_text().splitlines())
     assert ids.version == "2025.07.26"
-    assert ids.vendors == {"046d": "Logitech, Inc.", "05ba": "DigitalPersona, Inc.", "1162": "Secugen Corp."}
+    assert ids.vendors == {"046d": "Logitech, Inc.", "05ba": "DigitalPersona, Inc.", "05e3": "Genesys Logic, Inc.",
+                           "1162": "Secugen Corp."}
     assert ids.products == {"046d:0825": "Webcam C270", "046d:082d": "HD Pro Webcam C920",
-                            "05ba:000a": "Fingerprint Reader"}
+                            "05ba:000a": "Fingerprint Reader", "05e3:0608": "Hub"}
 
 
 def test_naming_unknown_devices(tmp_path):
@@ -633,9 +636,20 @@ def test_usb_ids_is_parsed_once(tmp_path):
     assert namer.name("046d", "0825") == "Logitech, Inc. Webcam C270"
 
 
+def test_naming_what_is_plugged_in():
+    """What `ektp-agent check` will do: list every USB device and name the ones nobody configured."""
+    catalogue = load_catalogue()
+    namer = UsbNamer([FIXTURES / "usb.ids"])
+    configured = {i for _, ids in KIT.values() for i in ids}
+    devices = list_usb_devices("linux", str(SYSFS / "all-present"))
+    others = {d.usb_id: describe_usb(d.vid, d.pid, catalogue, namer) for d in devices if d.usb_id not in configured}
+    assert others == {"1d6b:0002": None, "05e3:0608": "Genesys Logic, Inc. Hub"}
+
+
 def test_describe_prefers_the_catalogue():
     catalogue = load_catalogue()
     namer = UsbNamer([FIXTURES / "usb.ids"])
-    assert describe_usb("05ba", "000a", catalogue, namer) == "DigitalPersona, Inc. Fingerprint Reader (fingerprint candidate)"
+    assert describe_usb("05ba", "000a", catalogue, namer) == (
+        "DigitalPersona, Inc. Fingerprint Reader (fingerprint candidate)")
     assert describe_usb("046d", "0825", None, namer) == "Logitech, Inc. Webcam C270"
     assert describe_usb("1d6b", "0104", catalogue, UsbNamer([])) is None

@@ -96,8 +96,10 @@ class CameraProbe(UsbProbe):
         try:
             cap = query_capability(path, self.ioctl)
         except OSError as exc:
-            why = "permission denied (add the agent's user to the video group)" if exc.errno == errno.EACCES else exc.strerror
-            return structs.replace(entry, s="error", c="not_usable", m=f"{path}: {why or exc}"[:256], usable=False)
+            why = exc.strerror or str(exc)
+            if exc.errno == errno.EACCES:
+                why = "permission denied (add the agent's user to the video group)"
+            return structs.replace(entry, s="error", c="not_usable", m=f"{path}: {why}"[:256], usable=False)
         if not cap.can_capture:
             # a UVC camera also makes a metadata node (often /dev/video1) that cannot capture
             detail = f"{path}: {cap.card or cap.driver} is not a video capture node"

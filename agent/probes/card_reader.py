@@ -43,7 +43,7 @@ def combine(usb: wire.DeviceEntry, answer: PcscAnswer, reader_name: str | None) 
         state, code, detail = (usb.s, usb.c, usb.m) if usb.s == "warn" else ("ok", "", "")
         return structs.replace(usb, s=state, c=code, m=detail, usable=True, product=matching[0][:64],
                                count=usb.count or len(matching))
-    if usb.s in ("missing", "error"):  # the USB side already says what is wrong, more precisely
+    if usb.s in wire.FAILING_STATES:  # missing or error: the USB side says what is wrong, more precisely
         return structs.replace(usb, usable=False) if usb.s == "error" else usb
     listed = ", ".join(answer.readers) or "-"  # the readers PC/SC does list
     return structs.replace(usb, s="error", c="pcsc_no_reader", m=listed[:256], usable=False)

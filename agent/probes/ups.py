@@ -580,6 +580,10 @@ class UpsProbe(Probe):
     type_name = "ups"
     entry_type = wire.UpsEntry
     Options = UpsOptions
+    codes = (
+        "on_battery", "battery_low", "ups_failed", "ups_shutdown", "ups_off", "overload", "replace_battery",
+        "no_reply", "garbled_reply", "port_unavailable", "daemon_unreachable", "daemon_error",
+    )
 
     def __init__(self, name: str, options: UpsOptions, context):
         super().__init__(name, options, context)
@@ -626,9 +630,12 @@ class UpsProbe(Probe):
         path = self.options.password_file
         try:
             with open(path, encoding="utf-8") as fh:
-                return fh.read().strip("\r\n")
+                password = fh.read().strip("\r\n")
         except OSError as exc:
             raise UpsError("probe_failed", f"cannot read {path}: {exc.strerror}") from None
+        if not password:
+            raise UpsError("probe_failed", f"{path} is empty")
+        return password
 
     # -- Megatec -------------------------------------------------------------------------------
 

@@ -127,14 +127,16 @@ def read_sysfs_usb(sysfs_root: str) -> list[SysfsDevice]:
         if ":" in name:  # an interface; read from inside its device below
             continue
         path = os.path.join(base, name)
-        attrs = {attr: value for attr in SYSFS_ATTRS if (value := _read_attr(os.path.join(path, attr))) is not None}
+        values = {attr: _read_attr(os.path.join(path, attr)) for attr in SYSFS_ATTRS}
+        attrs = {attr: value for attr, value in values.items() if value is not None}
         devices.append(SysfsDevice(name, attrs, _read_interfaces(path)))
     return devices
 
 
-def _text(value: str | None) -> str | None:
-    value = (value or "").strip()
-    return value[:64] or None
+def _text(value: Any) -> str | None:
+    """A label for the wire: stripped, at most 64 characters, None when empty."""
+    text = "" if value is None else str(value).strip()
+    return text[:64] or None
 
 
 def parse_sysfs(raw: Iterable[SysfsDevice]) -> list[UsbDevice]:
@@ -306,6 +308,18 @@ def resolve_platform(choice: str, running_on: str) -> str:
     raise UsbListError(f"no USB listing for platform {running_on!r}; set platform: linux or windows")
 
 
+def list_usb_devices(platform: str, sysfs_root: str = "/sys",
+                     powershell: Callable[[str, float], str] = run_powershell) -> list[UsbDevice]:
+    """Every USB device present, also for `ektp-agent check` to name unknown ones.
+
+    `platform` is "linux" or "windows" (see resolve_platform). Raises UsbListError when the
+    devices cannot be listed at all.
+    """
+    if platform == "windows":
+        return parse_pnp_json(powershell(PNP_SCRIPT, POWERSHELL_TIMEOUT))
+    return parse_sysfs(read_sysfs_usb(sysfs_root))
+
+
 def _same_serial(a: str | None, b: str | None) -> bool:
     # Windows upper-cases serial numbers in instance ids
     return a is not None and b is not None and a.strip().casefold() == b.strip().casefold()
@@ -367,9 +381,7 @@ class UsbProbe(Probe):
         return resolve_platform(self.options.platform, self.context.platform)
 
     def list_devices(self) -> list[UsbDevice]:
-        if self.platform() == "windows":
-            return parse_pnp_json(self.powershell(PNP_SCRIPT, POWERSHELL_TIMEOUT))
-        return parse_sysfs(read_sysfs_usb(self.context.sysfs_root))
+        return list_usb_devices(self.platform(), self.context.sysfs_root, self.powershell)
 
     def presence(self) -> wire.DeviceEntry:
         try:

@@ -1,0 +1,1 @@
+"""Alert emails: conditions with hold-downs, reminders, digests and a persistent outbox."""
