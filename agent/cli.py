@@ -61,6 +61,7 @@ def check(config: LoadedConfig, lang: str = "id", as_json: bool = False, out=sys
 
     ordered = [(spec.name, results[spec.name]) for spec in config.probes]
     failing = [name for name, entry in ordered if entry.s in wire.FAILING_STATES]
+    others = other_usb_devices(config, context)
     if as_json:
         doc = {
             "kit": str(config.raw.kit.kit_id()),
@@ -73,6 +74,7 @@ def check(config: LoadedConfig, lang: str = "id", as_json: bool = False, out=sys
                 }
                 for name, entry in ordered
             },
+            "other_usb_devices": others,
         }
         out.write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
     else:
@@ -80,8 +82,17 @@ def check(config: LoadedConfig, lang: str = "id", as_json: bool = False, out=sys
         width = max(len(w) for w in words.values()) + 2
         for name, entry in ordered:
             label = f"[{words[entry.s]}]".ljust(width + 1)
+            title = messages.title(name, lang)
             text = messages.describe(name, entry, lang)
-            out.write(f"{label} {messages.title(name, lang)}: {text}\n")
+            # "Pemindai iris tidak terdeteksi" already names the device
+            line = text if text.lower().startswith(title.lower()) else f"{title}: {text}".rstrip(": ")
+            out.write(f"{label} {line}\n")
+        if others:
+            out.write({"id": "Perangkat USB lain yang terpasang (tidak ada di konfigurasi):\n",
+                       "en": "Other USB devices plugged in (not in the config):\n"}[lang])
+            for item in others:
+                unknown = {"id": "tidak dikenal", "en": "unknown"}[lang]
+                out.write(f"  {item['id']}  {item['name'] or unknown}  (port {item['bus']})\n")
         warned = [name for name, entry in ordered if entry.s == "warn"]
         if failing:
             summary = {"id": f"{len(failing)} bermasalah: {', '.join(failing)}",
@@ -93,6 +104,30 @@ def check(config: LoadedConfig, lang: str = "id", as_json: bool = False, out=sys
             summary = {"id": "Semua pemeriksaan lulus.", "en": "All checks passed."}[lang]
         out.write(summary + "\n")
     return 1 if failing else 0
+
+
+def other_usb_devices(config: LoadedConfig, context) -> list[dict]:
+    """USB devices present that no probe watches, named from the catalogue or usb.ids, so a
+    technician can find the ids of a kit's devices. Only when USB probes are configured."""
+    from agent.catalogue import UsbNamer, describe_usb, load_catalogue
+    from agent.probes.usb import UsbListError, UsbOptions, list_usb_devices, resolve_platform
+
+    usb_specs = [spec for spec in config.probes if isinstance(spec.options, UsbOptions)]
+    if not usb_specs:
+        return []
+    configured = {i.lower() for spec in usb_specs for i in spec.options.ids}
+    try:
+        platform = resolve_platform(usb_specs[0].options.platform, context.platform)
+        devices = list_usb_devices(platform, context.sysfs_root)
+        catalogue = load_catalogue()
+    except (UsbListError, OSError, ValueError):
+        return []
+    namer = UsbNamer()
+    return [
+        {"id": device.usb_id, "name": describe_usb(device.vid, device.pid, catalogue, namer), "bus": device.bus}
+        for device in devices
+        if device.usb_id not in configured and device.vid != "1d6b"  # 1d6b: the kernel's root hubs
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
