@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--ca", help="CA file for mqtts:// (default: system store)")
     tail.add_argument("--kabupaten", help="only this kabupaten")
     tail.add_argument("--count", type=int, default=0, help="stop after this many messages")
+    test_email = sub.add_parser("test-email", help="send a sample alert email to check the SMTP settings")
+    test_email.add_argument("--to", required=True, help="the address to send the sample to")
+    test_email.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
     sub.add_parser("demo", help="a private broker and a few real agents, messages printed live (DEMO_SECONDS=N stops)")
     return parser
 
@@ -104,10 +107,60 @@ def run(args) -> int:
     return 0
 
 
+def test_email(args) -> int:
+    """Renders a sample 'kit down' alert with the configured templates and sends it now."""
+    import smtplib
+    import time
+
+    from agent.config import ConfigError
+    from collector.alerts.mailer import build_message, send
+    from collector.alerts.render import Renderer
+    from collector.config import load
+
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"ektp-collector: config error: {exc}", file=sys.stderr)
+        return 2
+    alerts = config.raw.alerts
+    if alerts.smtp is None:
+        print(f"ektp-collector: {args.config}: alerts.smtp is not set; nothing can be sent", file=sys.stderr)
+        return 2
+    kab, kab_cfg = next(iter(config.raw.inventory.items()), ("contoh", None))
+    kec, kec_cfg = next(iter(kab_cfg.kecamatan.items())) if kab_cfg else ("contoh", None)
+    now = time.time()
+    context = {
+        "kind": "firing", "condition": "kit_down", "severity": "critical", "subject": "",
+        "kabupaten": kab, "kecamatan": kec, "kit": kec_cfg.kits[0] if kec_cfg else "kit-1",
+        "kabupaten_name": (kab_cfg.name if kab_cfg else None) or kab.title(),
+        "kecamatan_name": (kec_cfg.name if kec_cfg else None) or kec.replace("-", " ").title(),
+        "since": now - 600, "now": now, "online": True, "last_report": now - 30,
+        "facts": {"offline": False, "devices": [{"name": "iris", "state": "missing", "code": "not_detected",
+                                                 "detail": ""}]},
+        "ups": {"on_battery": False, "battery_low": False, "charge": 1.0}, "links": {"district": True},
+        "nearest_ready": None,
+    }
+    renderer = Renderer(alerts.language, alerts.timezone, alerts.templates_dir)
+    subject, text, html = renderer.render([{"context": context}])
+    note = {"id": "[UJI / TEST] Ini email uji dari ektp-collector; tidak ada kit yang rusak.\n\n",
+            "en": "[TEST] This is a test email from ektp-collector; no kit is broken.\n\n"}[alerts.language]
+    message = build_message(alerts.smtp.from_address, args.to, "[UJI/TEST] " + subject, note + text, html)
+    try:
+        send(alerts.smtp, config.smtp_password, message)
+    except (smtplib.SMTPException, OSError) as exc:
+        print(f"ektp-collector: sending to {args.to} through {alerts.smtp.host} failed: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 1
+    print(f"sent a test email to {args.to} through {alerts.smtp.host}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return run(args)
+    if args.command == "test-email":
+        return test_email(args)
     if args.command == "tail":
         return tail(args)
     if args.command == "demo":

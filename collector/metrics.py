@@ -29,9 +29,10 @@ def _c(name, doc, extra=()):
 
 
 class FleetCollector(Collector):
-    def __init__(self, fleet: Fleet, ingest=None):
+    def __init__(self, fleet: Fleet, ingest=None, alerts=None):
         self.fleet = fleet
         self.ingest = ingest
+        self.alerts = alerts  # (AlertEngine, Mailer) or None
 
     def describe(self) -> list[Metric]:
         return []  # families depend on the fleet; nothing to check at registration
@@ -168,6 +169,24 @@ class FleetCollector(Collector):
         yield kits
         if self.ingest is not None:
             yield from self._collector_metrics()
+        if self.alerts is not None:
+            yield from self._alert_metrics()
+
+    def _alert_metrics(self) -> Iterator[Metric]:
+        engine, mailer = self.alerts
+        open_alerts = GaugeMetricFamily("ektp_collector_alerts", "Alerts of the built-in engine by condition and state.",
+                                        labels=["condition", "state"])
+        counts = {(c, s): 0 for c in ("kit_down", "power", "link", "stale") for s in ("pending", "firing", "recovering")}
+        for alert in list(engine.alerts.values()):
+            counts[(alert.condition, alert.state)] = counts.get((alert.condition, alert.state), 0) + 1
+        for (condition, state), count in sorted(counts.items()):
+            open_alerts.add_metric([condition, state], count)
+        yield open_alerts
+        yield CounterMetricFamily("ektp_collector_emails_sent", "Alert emails sent.", value=mailer.sent)
+        yield CounterMetricFamily("ektp_collector_email_failures", "Failed attempts to send an alert email.",
+                                  value=mailer.failures)
+        yield GaugeMetricFamily("ektp_collector_email_queued", "Notifications waiting in the email outbox.",
+                                value=mailer.queued)
 
     def _collector_metrics(self) -> Iterator[Metric]:
         ingest = self.ingest

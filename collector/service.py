@@ -36,10 +36,7 @@ class Collector:
         if restored:
             log.info("restored the state of %d kits from %s", restored, config.store_path)
         self.ingest = Ingest(config, self.fleet, self.store, clock=clock)
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(FleetCollector(self.fleet, self.ingest))
         auth = BasicAuth(config.basic_auth) if config.basic_auth else None
-        self.app = App(self.fleet, self.registry, store=self.store, ingest=self.ingest, auth=auth)
         alerts = config.raw.alerts
         self.alert_store = AlertStore(config.store_path)
         self.alert_engine = AlertEngine(alerts, self.fleet, self.alert_store, clock(),
@@ -47,6 +44,9 @@ class Collector:
         self.mailer = Mailer(alerts, config.smtp_password, self.alert_store,
                              Renderer(alerts.language, alerts.timezone, alerts.templates_dir))
         self.alerts = AlertService(self.alert_engine, self.mailer, alerts.evaluate_every, clock)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(FleetCollector(self.fleet, self.ingest, (self.alert_engine, self.mailer)))
+        self.app = App(self.fleet, self.registry, store=self.store, ingest=self.ingest, auth=auth)
         self.server = None
         self.stop_event = threading.Event()
 

@@ -64,6 +64,7 @@ class Mailer:
         self.renderer = renderer
         self.sent = 0
         self.failures = 0
+        self.queued = 0
         self._rlog = RateLimitedLog(log, every=600.0)
 
     def dispatch(self, now: float) -> int:
@@ -71,6 +72,7 @@ class Mailer:
         if self.cfg.smtp is None:
             return 0
         sent = 0
+        self.queued = self.store.queued()
         for recipient, notes in self.store.due(now).items():
             retrying = any(n["attempts"] for n in notes)
             if not retrying and now - min(n["created"] for n in notes) < self.cfg.digest_window:
@@ -91,6 +93,7 @@ class Mailer:
             self.sent += 1
             sent += 1
             log.info("sent %r to %s (%d notice%s)", subject, recipient, len(ids), "" if len(ids) == 1 else "s")
+        self.queued = self.store.queued()
         return sent
 
 
