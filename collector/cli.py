@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     tail = sub.add_parser("tail", help="print decoded status and report messages (one JSON line each)")
     tail.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
     tail.add_argument("--ca", help="CA file for mqtts:// (default: system store)")
+    tail.add_argument("--username", help="broker user name")
+    tail.add_argument("--password-file", help="file holding the broker password")
     tail.add_argument("--kabupaten", help="only this kabupaten")
     tail.add_argument("--count", type=int, default=0, help="stop after this many messages")
     test_email = sub.add_parser("test-email", help="send a sample alert email to check the SMTP settings")
@@ -74,6 +76,12 @@ def tail(args, out=sys.stdout) -> int:
     client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
     if parts.scheme == "mqtts":
         client.tls_set(ca_certs=args.ca)
+    if args.username:
+        password = None
+        if args.password_file:
+            with open(args.password_file, encoding="utf-8") as fh:
+                password = fh.read().strip("\r\n")
+        client.username_pw_set(args.username, password)
     client.on_connect = on_connect
     client.on_message = on_message
     client.connect(parts.hostname, parts.port or (8883 if parts.scheme == "mqtts" else 1883))

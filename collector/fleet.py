@@ -251,7 +251,10 @@ class Fleet:
             else:
                 current = kit.boot is None or (new_boot and not report.replay)
             if current:
-                events = self._changes(kit_id, kit.entries, report.p, now, report.ts, False)
+                if report.boot == kit.boot and report.seq > kit.seq + 1 and report.boot not in kit.replay_prev:
+                    # a gap: the backlog that fills it is compared with the state before the gap
+                    kit.replay_prev[report.boot] = kit.entries
+                events = self._changes(kit_id, kit.entries, report.p, now, report.ts, report.replay)
                 for event in events:
                     if event.kind in ("device", "probe"):
                         kit.device_changed[event.subject] = now

@@ -32,6 +32,9 @@ log = logging.getLogger("ektp.collector.ingest")
 BATCH = 2000
 INBOX_LIMIT = 50_000  # past this, paho's thread waits: the broker holds the rest
 SWEEP_EVERY = 1.0
+# After a start, liveness is judged only once the broker's queued messages are in (the inbox ran
+# empty), or after this long, so a kit is not called offline for reports still waiting.
+CATCH_UP_LIMIT = 30.0
 SNAPSHOT_EVERY = 2.0
 PRUNE_EVERY = 3600.0
 REFUSAL_REASONS = wire.WireError.REASONS + ("unknown_kit", "capacity", "clock")
@@ -120,6 +123,8 @@ class Ingest:
 
     def _work(self) -> None:
         last_sweep = last_snapshot = last_prune = 0.0
+        started = self.clock()
+        caught_up = False
         while not self._stop.is_set():
             batch = []
             try:
@@ -131,7 +136,9 @@ class Ingest:
             now = self.clock()
             try:
                 events, ledgers = self.process(batch, now)
-                if now - last_sweep >= SWEEP_EVERY:
+                if not caught_up:
+                    caught_up = (self.subscribed.is_set() and self.inbox.empty()) or now - started > CATCH_UP_LIMIT
+                if caught_up and now - last_sweep >= SWEEP_EVERY:
                     events += self.fleet.sweep(now)
                     last_sweep = now
                 records = []

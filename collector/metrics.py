@@ -123,8 +123,17 @@ class FleetCollector(Collector):
             if kit.last_report is not None:
                 queued.add_metric(base, kit.queued)
                 dropped.add_metric(base, kit.dropped)
+            # One UPS and one host per kit, and each target once: a second probe of the same kind
+            # would otherwise give duplicate series and fail the whole scrape.
+            seen_kinds: set[type] = set()
+            seen_targets: set[str] = set()
+            seen_ifaces: set[str] = set()
             for name, entry in entries.items():
                 probe_up.add_metric(base + [name], int(entry.s not in wire.FAILING_STATES))
+                if isinstance(entry, (wire.UpsEntry, wire.HostEntry)):
+                    if type(entry) in seen_kinds or (isinstance(entry, wire.UpsEntry) and name != "ups"):
+                        continue
+                    seen_kinds.add(type(entry))
                 if isinstance(entry, wire.UpsEntry):
                     for key, family in ups.items():
                         value = getattr(entry, key)
@@ -132,6 +141,9 @@ class FleetCollector(Collector):
                             family.add_metric(base, float(value))
                 elif isinstance(entry, wire.LinkEntry):
                     for target, t in entry.targets.items():
+                        if target in seen_targets:
+                            continue
+                        seen_targets.add(target)
                         labels = base + [target]
                         link_up.add_metric(labels, int(t.up))
                         if t.rtt is not None:
@@ -139,7 +151,9 @@ class FleetCollector(Collector):
                         link_sent.add_metric(labels, t.sent)
                         link_recv.add_metric(labels, t.recv)
                     for iface, up in entry.ifaces.items():
-                        iface_up.add_metric(base + [iface], int(up))
+                        if iface not in seen_ifaces:
+                            seen_ifaces.add(iface)
+                            iface_up.add_metric(base + [iface], int(up))
                 elif isinstance(entry, wire.HostEntry):
                     if entry.cpu is not None:
                         cpu.add_metric(base, entry.cpu)

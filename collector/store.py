@@ -95,6 +95,8 @@ class Store:
             raise
 
     def prune(self, before: float) -> int:
+        """Drops history and ledgers of agent runs older than `before`."""
+        self._db.execute("DELETE FROM ledger WHERE updated < ?", (before,))
         return self._db.execute("DELETE FROM events WHERE at < ?", (before,)).rowcount
 
     def writable(self) -> bool:

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -155,7 +156,10 @@ def _json(start_response, doc, code: str = "200"):
 def serve(app, host: str, port: int, cert: str | None = None, key: str | None = None,
           client_ca: str | None = None):
     """Starts the server on a thread; returns it (shutdown() stops it)."""
-    server = make_server(host, port, app, server_class=ThreadingWSGIServer, handler_class=_SilentHandler)
+    server_class = ThreadingWSGIServer
+    if ":" in host:  # an IPv6 address such as ::1 or ::
+        server_class = type("ThreadingWSGIServer6", (ThreadingWSGIServer,), {"address_family": socket.AF_INET6})
+    server = make_server(host, port, app, server_class=server_class, handler_class=_SilentHandler)
     if cert:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2

@@ -86,3 +86,9 @@ def test_example_config_loads():
 
     config = load(ROOT / "config" / "collector.example.yaml")
     assert config.broker.tls and config.raw.fleet.required_devices == ["fingerprint", "iris", "camera", "signature_pad"]
+
+
+def test_listens_on_ipv6_loopback(broker, collector_factory):
+    collector = collector_factory(broker, http={"listen": "[::1]:0"})
+    status, body = http_get(f"http://[::1]:{collector.port}/healthz")
+    assert (status, body) == (200, b"ok\n")

@@ -199,3 +199,23 @@ def test_ledger_merges_ranges_and_finds_gaps():
     for seq in (4, 8, 9):
         ledger.add(seq)
     assert ledger.ranges == [[1, 10]] and ledger.count() == 10
+
+
+def test_first_backlog_report_is_compared_with_the_state_before_the_gap():
+    fleet = Fleet(config())
+    fleet.apply_status(KIT, status(), T0)
+    fleet.apply_report(report(1), T0)
+    fleet.apply_report(report(4, ts=T0 + 300), T0 + 400)  # live after the outage: seq 2, 3 missing
+    events = fleet.apply_report(report(2, ts=T0 + 100, replay=True, link=False), T0 + 401)
+    events += fleet.apply_report(report(3, ts=T0 + 200, replay=True), T0 + 401)
+    assert [(e.kind, e.old, e.new, e.agent_ts, e.replayed) for e in events if e.kind == "link"] == [
+        ("link", "up", "down", T0 + 100, True), ("link", "down", "up", T0 + 200, True)]
+
+
+def test_in_order_backlog_events_are_flagged_replayed():
+    fleet = Fleet(config())
+    fleet.apply_status(KIT, status(), T0)
+    fleet.apply_report(report(1), T0)
+    events = fleet.apply_report(report(2, ts=T0 + 100, replay=True, iris="missing"), T0 + 500)
+    device = [e for e in events if e.kind == "device"][0]
+    assert (device.subject, device.replayed, device.agent_ts) == ("iris", True, T0 + 100)
