@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # command:package pairs needed from the system (tests start their own daemons on loopback)
 SYSTEM_DEPS := mosquitto:mosquitto promtool:prometheus prometheus:prometheus ping:iputils-ping \
-	dummy-ups:nut-server upsd:nut-server amtool:prometheus-alertmanager
+	dummy-ups:nut-server upsd:nut-server amtool:prometheus-alertmanager faketime:faketime
 PYTEST_ARGS ?=
 
 .PHONY: test demo deps sysdeps venv clean

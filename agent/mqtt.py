@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import platform
 import socket
+import sqlite3
 import ssl
 import sys
 import threading
@@ -194,6 +195,7 @@ class Publisher:
                 if connected and not was_connected:
                     # everything queued until now is backlog, sent flagged as replayed
                     self._backlog_end = self._backlog_boundary()
+                    self._rlog.reset("read")
                     self._live_cursor = max(self._live_cursor, self._backlog_end)
                 was_connected = connected
                 if connected:
@@ -222,7 +224,16 @@ class Publisher:
                 handed = set(self._handed)
             if room <= 0:
                 return
-            live = self.outbox.next_after(self._live_cursor, skip=handed, limit=room)
+            held = self.outbox.memory_rows(skip=handed, limit=room)  # the disk refused these: live
+            if held:
+                for row in held:
+                    self._publish(row, replay=False)
+                continue
+            try:
+                live = self.outbox.next_after(self._live_cursor, skip=handed, limit=room)
+            except sqlite3.Error as exc:
+                self._rlog.warning("read", "cannot read the report queue: %s", exc)
+                return
             if live:
                 for row in live:
                     self._publish(row, replay=False)

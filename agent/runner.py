@@ -54,7 +54,7 @@ class Slot:
         self.probe = probe
         self.interval = interval
         self.timeout = timeout
-        self.next_due = 0.0
+        self.next_due: float | None = None  # None: never run (monotonic time may be negative)
         self.future: Future | None = None
         self.started = 0.0
         self.timed_out = False
@@ -110,7 +110,7 @@ class Runner:
         now = self.clock.monotonic()
         for slot in self.slots:
             self._collect(slot, now)
-            if slot.future is None and now >= slot.next_due:
+            if slot.future is None and (slot.next_due is None or now >= slot.next_due):
                 self._start(slot, now)
                 self._collect(slot, now)  # an inline executor has finished already
         if all(slot.latest is not None for slot in self.slots):
@@ -126,7 +126,7 @@ class Runner:
         slot.future = self.executor.submit(run_safely, slot.probe)
         slot.future.add_done_callback(lambda _f: self.wake.set())
         # keep a steady cadence; after a long stall, start again from now
-        slot.next_due = slot.next_due + slot.interval if slot.next_due else now + slot.interval
+        slot.next_due = now + slot.interval if slot.next_due is None else slot.next_due + slot.interval
         if slot.next_due <= now:
             slot.next_due = now + slot.interval
 
@@ -151,7 +151,7 @@ class Runner:
         times = []
         for slot in self.slots:
             if slot.future is None:
-                times.append(slot.next_due)
+                times.append(now if slot.next_due is None else slot.next_due)
             elif not slot.timed_out:
                 times.append(slot.started + slot.timeout)
         if self.last_report is not None:

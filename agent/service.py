@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sqlite3
 import sys
 import threading
 from pathlib import Path
@@ -21,7 +20,14 @@ log = logging.getLogger("ektp.agent")
 
 def hold_lock(path: Path):
     """One agent per state directory: two would fight over the queue and the client id."""
-    handle = open(path, "a+")
+    try:
+        handle = open(path, "a+")
+    except OSError as exc:
+        if not path.exists():
+            log.warning("cannot create %s (%s); running without the one-agent-per-directory lock",
+                        path, exc.strerror)
+            return None
+        handle = open(path)  # a read-only file system still allows a lock on a file opened for reading
     try:
         if sys.platform == "win32":
             import msvcrt
@@ -35,16 +41,6 @@ def hold_lock(path: Path):
         handle.close()
         raise SystemExit(f"another ektp-agent is already running with state_dir {path.parent}") from None
     return handle  # the lock lasts as long as this handle stays open
-
-
-def open_outbox(path: Path, max_bytes: int) -> Outbox:
-    """The on-disk queue, or, if it cannot be opened, one in memory so live reports still flow."""
-    try:
-        return Outbox(path, max_bytes)
-    except (sqlite3.Error, OSError) as exc:
-        log.error("cannot open the report queue %s (%s); reports are kept in memory only and are lost "
-                  "if the agent stops before the broker has them", path, exc)
-        return Outbox(":memory:", max_bytes)
 
 
 def probe_context(config: LoadedConfig) -> ProbeContext:
@@ -68,7 +64,7 @@ class Agent:
         except OSError as exc:
             raise SystemExit(f"{config.path}: state_dir: cannot create {state_dir}: {exc.strerror}") from None
         self._lock = hold_lock(state_dir / "agent.lock")
-        self.outbox = open_outbox(state_dir / "outbox.sqlite", config.queue_max_bytes)
+        self.outbox = Outbox(state_dir / "outbox.sqlite", config.queue_max_bytes)
         self.report_topic = wire.topic(self.kit, "report")
         self.publisher = Publisher(config, self.kit, self.boot, config.raw.heartbeat, self.outbox, self.clock)
         self.runner = Runner(
@@ -76,7 +72,7 @@ class Agent:
             build_slots(config, context or probe_context(config)),
             config.raw.heartbeat,
             emit=self._enqueue,
-            queue_stats=lambda: wire.QueueStats(self.outbox.count, self.outbox.dropped),
+            queue_stats=lambda: wire.QueueStats(self.outbox.count, self.outbox.dropped, self.outbox.problem),
             clock=self.clock,
             boot=self.boot,
         )

@@ -190,9 +190,11 @@ ENTRY_TYPES: dict[str, type[Entry]] = {
 }
 
 
-class QueueStats(Struct, array_like=True):
+class QueueStats(Struct, array_like=True, omit_defaults=True):
     queued: Count  # reports waiting in the agent's store-and-forward queue
     dropped: Count  # reports dropped because the queue was full, ever
+    # why the queue is held in memory instead of on disk: disk_full, read_only, io_error
+    problem: Annotated[str, Meta(pattern=r"^[a-z_]{0,20}$")] = ""
 
 
 class Report(Struct, omit_defaults=True, forbid_unknown_fields=False):

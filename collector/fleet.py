@@ -97,6 +97,7 @@ class Kit:
     last_report_ts: float | None = None  # agent time of the current report
     queued: int = 0
     dropped: int = 0
+    queue_problem: str = ""
     # derived
     online: bool = False
     ready: bool = False
@@ -130,6 +131,7 @@ class KitRecord(msgspec.Struct):
     last_report_ts: float | None = None
     queued: int = 0
     dropped: int = 0
+    queue_problem: str = ""
     online: bool = False
     ready: bool = False
     online_changed: float | None = None
@@ -262,7 +264,7 @@ class Fleet:
                 kit.entries = report.p
                 kit.last_report_ts = report.ts
                 if report.q is not None:
-                    kit.queued, kit.dropped = report.q.queued, report.q.dropped
+                    kit.queued, kit.dropped, kit.queue_problem = report.q.queued, report.q.dropped, report.q.problem
             else:
                 previous = kit.replay_prev.get(report.boot)
                 events = self._changes(kit_id, previous, report.p, now, report.ts, True) if previous else []

@@ -84,6 +84,8 @@ class FleetCollector(Collector):
         skew = _g("ektp_host_clock_skew_seconds", "Seconds the PC clock is ahead of the reference server.")
         queued = _g("ektp_agent_queued_reports", "Reports waiting in the agent's store-and-forward queue.")
         dropped = _c("ektp_agent_dropped_reports", "Reports the agent dropped because its queue was full.")
+        queue_on_disk = _g("ektp_agent_queue_on_disk", "1 while the agent's queue is on disk; 0 while the disk "
+                           "refuses writes (full, read-only) and reports are held in memory only.")
         probe_up = _g("ektp_probe_success", "1 if the agent's probe ran and found nothing failing.", ["probe"])
 
         counts = dict.fromkeys(KIT_STATES, 0)
@@ -123,6 +125,7 @@ class FleetCollector(Collector):
             if kit.last_report is not None:
                 queued.add_metric(base, kit.queued)
                 dropped.add_metric(base, kit.dropped)
+                queue_on_disk.add_metric(base, int(not kit.queue_problem))
             # One UPS and one host per kit, and each target once: a second probe of the same kind
             # would otherwise give duplicate series and fail the whole scrape.
             seen_kinds: set[type] = set()
@@ -174,7 +177,7 @@ class FleetCollector(Collector):
         yield from (kit_info, expected, online, status_online, ready, last_report, ready_change, online_change,
                     heartbeat, reports, replayed, duplicates, dev_up, dev_info, dev_change, *ups.values(),
                     link_up, link_rtt, link_sent, link_recv, iface_up, cpu, mem_avail, mem_size, disk_free,
-                    disk_size, temp, boot_time, skew, queued, dropped, probe_up)
+                    disk_size, temp, boot_time, skew, queued, dropped, queue_on_disk, probe_up)
 
         kits = GaugeMetricFamily("ektp_collector_kits", "Kits by state: ready, not_ready (online), offline.",
                                  labels=["state"])

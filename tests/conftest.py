@@ -284,3 +284,89 @@ def http_get(url: str, **kw) -> tuple[int, bytes]:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+@pytest.fixture
+def figures(request):
+    """Records figures a reliability test measured; `make reliability-report` turns them into
+    docs/reliability.md. Without EKTP_FIGURES they are only kept for the test's own asserts."""
+    import json as _json
+
+    recorded: dict = {}
+    yield recorded
+    out = os.environ.get("EKTP_FIGURES")
+    if out and recorded:
+        line = {"test": request.node.nodeid, "passed": not getattr(request.node, "failed_call", False), **recorded}
+        with open(out, "a", encoding="utf-8") as fh:
+            fh.write(_json.dumps(line) + "\n")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        item.failed_call = True
+
+
+class CollectorProcess:
+    """`ektp-collector run` as its own process, for tests that kill it."""
+
+    def __init__(self, config: Path, log: Path):
+        self.config = config
+        self.log_path = log
+        self.proc: subprocess.Popen | None = None
+        self.port = yaml.safe_load(config.read_text())["http"]["listen"].rpartition(":")[2]
+
+    def start(self) -> "CollectorProcess":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "collector", "run", "-c", str(self.config)],
+                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        wait_for(self._healthy, timeout=20, what="the collector to be healthy")
+        return self
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the collector exited: {self.log()[-2000:]}")
+        try:
+            return http_get(f"http://127.0.0.1:{self.port}/healthz")[0] == 200
+        except OSError:
+            return False
+
+    def api(self, path: str):
+        import json as _json
+
+        status, body = http_get(f"http://127.0.0.1:{self.port}{path}")
+        assert status == 200, body
+        return _json.loads(body)
+
+    def metrics(self) -> str:
+        return http_get(f"http://127.0.0.1:{self.port}/metrics")[1].decode()
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(20)
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def collector_process(tmp_path):
+    made = []
+
+    def make(mosq: Mosquitto, name: str = "collector", **overrides) -> CollectorProcess:
+        path = tmp_path / f"{name}.yaml"
+        if not path.exists():
+            overrides.setdefault("http", {"listen": f"127.0.0.1:{free_port()}"})
+            write_collector_config(path, mosq, tmp_path / f"{name}.sqlite", **overrides)
+        proc = CollectorProcess(path, tmp_path / f"{name}.log").start()
+        made.append(proc)
+        return proc
+
+    yield make
+    for proc in made:
+        proc.kill()

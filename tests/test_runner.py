@@ -206,3 +206,12 @@ def test_clock_stall_does_not_cause_a_burst(stall):
     runner.step()
     assert probe.calls == 2
     assert len(reports) == 2
+
+
+def test_negative_monotonic_clock_is_fine():
+    clock = FakeClock()
+    clock.mono = -21600.0  # monotonic time has no fixed origin
+    probe = Scripted("fingerprint")
+    runner, reports = make_runner(clock, [probe], heartbeat=60, interval=10)
+    drive(runner, clock, 120)
+    assert probe.calls == 12 and len(reports) == 2

@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS notifications (
     kabupaten TEXT NOT NULL, kecamatan TEXT NOT NULL, kit TEXT NOT NULL, subject TEXT NOT NULL,
     severity TEXT NOT NULL, context TEXT NOT NULL,
     status TEXT NOT NULL DEFAULT 'queued', attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL,
-    sent_at REAL, error TEXT NOT NULL DEFAULT ''
+    sent_at REAL, error TEXT NOT NULL DEFAULT '', message_id TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS notifications_queued ON notifications (status, recipient, next_attempt);
 CREATE TABLE IF NOT EXISTS alert_meta (key TEXT PRIMARY KEY, value REAL NOT NULL);
@@ -129,16 +129,21 @@ class AlertStore:
     def due(self, now: float) -> dict[str, list[dict]]:
         rows = self.db.execute(
             "SELECT id, recipient, created, kind, condition, kabupaten, kecamatan, kit, subject, severity, context,"
-            " attempts FROM notifications WHERE status='queued' AND next_attempt <= ? ORDER BY id", (now,)
+            " attempts, message_id FROM notifications WHERE status='queued' AND next_attempt <= ? ORDER BY id", (now,)
         ).fetchall()
         keys = ("id", "recipient", "created", "kind", "condition", "kabupaten", "kecamatan", "kit", "subject",
-                "severity", "context", "attempts")
+                "severity", "context", "attempts", "message_id")
         out: dict[str, list[dict]] = {}
         for row in rows:
             item = dict(zip(keys, row))
             item["context"] = json.loads(item["context"])
             out.setdefault(item["recipient"], []).append(item)
         return out
+
+    def claim_message_id(self, ids: list[int], message_id: str) -> None:
+        """Stored before sending, so a send repeated after a crash carries the same Message-ID
+        and mail clients show it once."""
+        self.db.executemany("UPDATE notifications SET message_id=? WHERE id=?", [(message_id, i) for i in ids])
 
     def mark_sent(self, ids: list[int], now: float) -> None:
         self.db.executemany("UPDATE notifications SET status='sent', sent_at=?, error='' WHERE id=?",

@@ -26,13 +26,14 @@ from collector.config import AlertsConfig, SmtpConfig
 log = logging.getLogger("ektp.collector.mail")
 
 
-def build_message(sender: str, recipient: str, subject: str, text: str, html: str) -> EmailMessage:
+def build_message(sender: str, recipient: str, subject: str, text: str, html: str,
+                  message_id: str | None = None) -> EmailMessage:
     message = EmailMessage()
     message["From"] = sender
     message["To"] = recipient
     message["Subject"] = subject
     message["Date"] = formatdate(localtime=True)
-    message["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or "localhost")
+    message["Message-ID"] = message_id or make_msgid(domain=sender.rpartition("@")[2] or "localhost")
     message.set_content(text)
     message.add_alternative(html, subtype="html")
     return message
@@ -78,8 +79,14 @@ class Mailer:
             if not retrying and now - min(n["created"] for n in notes) < self.cfg.digest_window:
                 continue  # wait: more may come within the window and join a digest
             subject, text, html = self.renderer.render(notes)
-            message = build_message(self.cfg.smtp.from_address, recipient, subject, text, html)
             ids = [n["id"] for n in notes]
+            earlier = {n["message_id"] for n in notes}
+            if len(earlier) == 1 and "" not in earlier:
+                message_id = earlier.pop()  # the same email again: a retry, maybe after a crash
+            else:
+                message_id = make_msgid(domain=self.cfg.smtp.from_address.rpartition("@")[2] or "localhost")
+                self.store.claim_message_id(ids, message_id)
+            message = build_message(self.cfg.smtp.from_address, recipient, subject, text, html, message_id)
             try:
                 send(self.cfg.smtp, self.password, message)
             except (smtplib.SMTPException, OSError, socket.timeout) as exc:
