@@ -250,12 +250,31 @@ def convert(data: Any, type_: type, file: str, prefix: str = ""):
         raise ConfigError(file, key, message) from None
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """Refuses YAML aliases: a few lines of them can expand into billions of nodes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in this file",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
 def read_yaml(path: str | os.PathLike) -> Any:
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            text = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(text) > MAX_CONFIG_BYTES:
+            raise ConfigError(path, "", f"the file is larger than {MAX_CONFIG_BYTES // 1024} KB")
+        data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read the file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "the file is not UTF-8 text") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

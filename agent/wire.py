@@ -275,6 +275,8 @@ def _decode(decoder: msgspec.json.Decoder, payload: bytes, limit: int):
         raise WireError("invalid", str(exc)) from None
     except msgspec.DecodeError as exc:
         raise WireError("malformed", str(exc)) from None
+    except RecursionError:
+        raise WireError("malformed", "nested too deeply") from None
     if message.v != SCHEMA_VERSION:
         raise WireError("version", f"schema version {message.v}, this side speaks {SCHEMA_VERSION}")
     return message
@@ -283,7 +285,7 @@ def _decode(decoder: msgspec.json.Decoder, payload: bytes, limit: int):
 def _refuse_other_version(payload: bytes) -> None:
     try:
         version = _envelope_decoder.decode(payload).v
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         return
     if version != SCHEMA_VERSION:
         raise WireError("version", f"schema version {version}, this side speaks {SCHEMA_VERSION}")

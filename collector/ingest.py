@@ -57,7 +57,7 @@ class Ingest:
         self._stop = threading.Event()
         self._rlog = RateLimitedLog(log, every=60.0)
         self._worker: threading.Thread | None = None
-        self.client = self._make_client()
+        self.client: paho.Client | None = None  # made by start(); process() needs no network
 
     def _make_client(self) -> paho.Client:
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.cfg.client_id,
@@ -112,6 +112,7 @@ class Ingest:
     # -- worker ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.client = self._make_client()
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.cfg.session_expiry
         props.ReceiveMaximum = self.cfg.receive_maximum
@@ -194,8 +195,9 @@ class Ingest:
         self._stop.set()
         if self._worker:
             self._worker.join(10)
-        self.client.disconnect()
-        self.client.loop_stop()
+        if self.client is not None:
+            self.client.disconnect()
+            self.client.loop_stop()
         records = self.fleet.take_dirty()
         if records:
             self.store.write([], [], records, self.clock())
