@@ -8,10 +8,22 @@ SYSTEM_DEPS := mosquitto:mosquitto promtool:prometheus prometheus:prometheus pin
 	dummy-ups:nut-server upsd:nut-server amtool:prometheus-alertmanager faketime:faketime
 PYTEST_ARGS ?=
 
-.PHONY: test demo deps sysdeps venv clean
+.PHONY: test demo deps sysdeps venv clean reliability-report
 
 test: deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Runs the fault, hostile-input and security tests and writes docs/reliability.md from their results.
+RELIABILITY_TESTS := tests/test_reliability.py tests/test_hostile.py tests/test_mosquitto_acl.py tests/test_tls.py \
+	tests/test_collector_web.py tests/test_collector.py::test_identity_mismatch_refused_and_counted \
+	tests/test_config.py::test_password_read_and_world_readable_warned
+reliability-report: deps
+	@mkdir -p build
+	rm -f build/reliability.jsonl
+	EKTP_FIGURES=$(CURDIR)/build/reliability.jsonl $(BIN)/python -m pytest -q -p no:cacheprovider \
+	  --junitxml=build/reliability.xml $(RELIABILITY_TESTS) || true
+	$(BIN)/python bench/reliability_report.py build/reliability.xml build/reliability.jsonl > docs/reliability.md
+	@echo "wrote docs/reliability.md"
 
 demo: deps
 	$(BIN)/python -m collector demo
