@@ -5,7 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # command:package pairs needed from the system (tests start their own daemons on loopback)
 SYSTEM_DEPS := mosquitto:mosquitto promtool:prometheus prometheus:prometheus ping:iputils-ping \
-	dummy-ups:nut-server upsd:nut-server amtool:prometheus-alertmanager faketime:faketime
+	dummy-ups:nut-server upsd:nut-server amtool:prometheus-alertmanager faketime:faketime \
+	systemd-analyze:systemd mosquitto_passwd:mosquitto
 PYTEST_ARGS ?=
 
 .PHONY: test demo deps sysdeps venv clean reliability-report

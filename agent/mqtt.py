@@ -34,6 +34,7 @@ LIVE_RESERVE = 2
 # A report queued this recently before the agent's first connection was not held back by an
 # outage, only by start-up, so it is sent as live, not replayed.
 REPLAY_GRACE = 5.0
+REFUSED_RETRY = 30.0  # seconds before reports the broker refused are offered again
 
 
 def os_label() -> str:
@@ -71,6 +72,7 @@ class Publisher:
         self._backlog_end = 0  # rows up to this id were queued before the current connection
         self._backlog_cursor = 0
         self._live_cursor = 0
+        self._pause_until = 0.0
         self._recent: deque[tuple[int, float]] = deque(maxlen=64)  # (row id, monotonic put time)
         self._sender: threading.Thread | None = None
         self.client = self._make_client(config.password)
@@ -153,7 +155,7 @@ class Publisher:
             log.warning("disconnected from %s:%d: %s", self.broker.host, self.broker.port, reason_code)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties):
-        self._acks.append(mid)
+        self._acks.append((mid, reason_code.is_failure, str(reason_code)))
         self._wake.set()
 
     # -- sender thread -----------------------------------------------------------------------
@@ -207,17 +209,29 @@ class Publisher:
     def _process_acks(self) -> None:
         done = []
         while self._acks:
-            mid = self._acks.popleft()
+            mid, refused, reason = self._acks.popleft()
             with self._inflight_lock:
                 rowid = self._inflight.pop(mid, None)
                 if rowid is not None:
                     self._handed.discard(rowid)
-            if rowid is not None:
+            if rowid is None:
+                continue
+            if not refused:
                 done.append(rowid)
+                continue
+            # The broker refused it (e.g. "Not authorized": a username that does not match the
+            # kit's topic in its ACL). Keep it and send it again later, as backlog.
+            self._rlog.warning("puback", "the broker refused a report: %s; it stays queued (check the broker "
+                               "username and ACL for %s)", reason, self.status_topic.rsplit("/", 1)[0])
+            self._backlog_cursor = min(self._backlog_cursor, rowid - 1) if rowid > 0 else self._backlog_cursor
+            self._backlog_end = max(self._backlog_end, rowid)
+            self._pause_until = time.monotonic() + REFUSED_RETRY
         self.outbox.delete(done)
 
     def _hand_over(self) -> None:
         limit = self.cfg.max_inflight
+        if time.monotonic() < self._pause_until:
+            return
         while self.connected.is_set():
             with self._inflight_lock:
                 room = limit - len(self._inflight)

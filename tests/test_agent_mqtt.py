@@ -179,3 +179,22 @@ def test_second_agent_on_the_same_state_dir_refuses_to_start(tmp_path, broker, a
     assert second.proc.wait(20) == 1
     assert "another ektp-agent is already running" in second.log()
     assert first.proc.poll() is None
+
+
+def test_report_refused_by_the_broker_stays_queued(tmp_path, recorder_factory, agent_process):
+    """An ACL that denies the kit's topic answers PUBACK 'Not authorized' (MQTT 5): the agent
+    keeps the report and says so, instead of deleting it as if delivered."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic read ektp/v1/#\ntopic write ektp/v1/+/+/+/status\n")
+    broker = Mosquitto(tmp_path / "broker", extra=f"acl_file {acl}\n").start()
+    try:
+        cfg = write_agent_config(tmp_path / "a.yaml", broker, tmp_path / "state")
+        agent = agent_process(cfg)
+        wait_for(lambda: "the broker refused a report" in agent.log(), timeout=20, what="the refusal in the log")
+        assert "Not authorized" in agent.log()
+        from agent.outbox import Outbox
+
+        queued = Outbox(tmp_path / "state" / "outbox.sqlite", 10**7).count
+        assert queued >= 1, "the refused report is still queued"
+    finally:
+        broker.stop()

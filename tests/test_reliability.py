@@ -206,7 +206,8 @@ def test_clock_jumps_on_the_kit_pc(tmp_path, broker, collector_factory, jump, fi
     # only the wall clock jumps, as on a PC whose clock is set wrong; its monotonic clock does not
     env = {**os.environ, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
     proc = subprocess.Popen(["faketime", "-f", jump, sys.executable, "-m", "agent", "run", "-c", str(cfg)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent, env=env)
+                            stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent, env=env,
+                            start_new_session=True)
     try:
         kit = wire.KitId("sintang", "dedai", "kit-1")
         wait_for(lambda: collector.fleet.get(kit) and collector.fleet.get(kit).reports >= 3, timeout=20,
@@ -218,6 +219,6 @@ def test_clock_jumps_on_the_kit_pc(tmp_path, broker, collector_factory, jump, fi
         assert state.online and state.ready
         assert collector.ingest.refused["clock"] == 0
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)  # faketime's child too
         proc.wait(10)
         log.close()

@@ -122,6 +122,8 @@ def icmp_command_attempt(host: str, timeout: float) -> Attempt:
                               env={**os.environ, "LC_ALL": "C"})
     except subprocess.TimeoutExpired:
         return Attempt(False, error="ping timed out")
+    except OSError as exc:  # e.g. not allowed to start ping: only this target fails
+        return Attempt(False, error=f"cannot run ping: {exc.strerror or exc}")
     return parse_ping_output(done.stdout + done.stderr, done.returncode)
 
 
