@@ -7,8 +7,6 @@ import signal
 import threading
 import time
 
-from prometheus_client import CollectorRegistry
-
 from agent import wire
 from collector.alerts.engine import AlertEngine, AlertStore
 from collector.alerts.mailer import AlertService, Mailer
@@ -16,7 +14,6 @@ from collector.alerts.render import Renderer
 from collector.config import LoadedCollectorConfig
 from collector.fleet import Fleet
 from collector.ingest import Ingest
-from collector.metrics import FleetCollector
 from collector.store import Store
 from collector.web import App, BasicAuth, serve
 
@@ -44,9 +41,8 @@ class Collector:
         self.mailer = Mailer(alerts, config.smtp_password, self.alert_store,
                              Renderer(alerts.language, alerts.timezone, alerts.templates_dir))
         self.alerts = AlertService(self.alert_engine, self.mailer, alerts.evaluate_every, clock)
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(FleetCollector(self.fleet, self.ingest, (self.alert_engine, self.mailer)))
-        self.app = App(self.fleet, self.registry, store=self.store, ingest=self.ingest, auth=auth)
+        self.app = App(self.fleet, store=self.store, ingest=self.ingest, alerts=(self.alert_engine, self.mailer),
+                       auth=auth)
         self.server = None
         self.stop_event = threading.Event()
 

@@ -18,11 +18,10 @@ from urllib.parse import parse_qs
 from wsgiref.simple_server import make_server
 
 import msgspec
-from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
 from agent import wire
-from collector import rules
+from collector import metrics, rules
 from collector.fleet import Fleet, Kit
 
 log = logging.getLogger("ektp.collector.web")
@@ -92,13 +91,13 @@ class BasicAuth:
 
 
 class App:
-    def __init__(self, fleet: Fleet, registry: CollectorRegistry, store=None, ingest=None,
-                 auth: BasicAuth | None = None):
+    def __init__(self, fleet: Fleet, store=None, ingest=None, alerts=None, auth: BasicAuth | None = None):
         self.fleet = fleet
         self.store = store
         self.ingest = ingest
+        self.alerts = alerts
         self.auth = auth
-        self.metrics_app = make_wsgi_app(registry)
+        self.exposition = metrics.Exposition(fleet)
 
     def __call__(self, environ, start_response):
         if self.auth is not None and not self.auth.check(environ.get("HTTP_AUTHORIZATION")):
@@ -107,7 +106,8 @@ class App:
             return [b"Unauthorized\n"]
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
-            return self.metrics_app(environ, start_response)
+            start_response("200 OK", [("Content-Type", metrics.CONTENT_TYPE)])
+            return metrics.exposition(self.exposition, self.ingest, self.alerts)
         if path == "/healthz":
             return self._health(start_response)
         if path == "/api/fleet":

@@ -92,3 +92,12 @@ def test_listens_on_ipv6_loopback(broker, collector_factory):
     collector = collector_factory(broker, http={"listen": "[::1]:0"})
     status, body = http_get(f"http://[::1]:{collector.port}/healthz")
     assert (status, body) == (200, b"ok\n")
+
+
+def test_every_metric_is_documented():
+    from collector.metrics import metric_names
+    from conftest import ROOT
+
+    doc = (ROOT / "docs" / "collector.md").read_text()
+    missing = sorted(name for name in metric_names() if f"`{name}`" not in doc)
+    assert not missing, f"add to docs/collector.md: {missing}"

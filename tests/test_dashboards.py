@@ -78,12 +78,10 @@ def substitute(text: str, values: dict[str, str]) -> str:
 
 
 def contract_names() -> set[str]:
-    """Metric names as exposed, read from the metric contract (collector/metrics.py)."""
-    source = (ROOT / "collector" / "metrics.py").read_text(encoding="utf-8")
-    names = set()
-    for kind, name in re.findall(r"\b(_g|_c|GaugeMetricFamily|CounterMetricFamily)\(\s*\"(ektp_\w+)\"", source):
-        names.add(name + "_total" if kind in ("_c", "CounterMetricFamily") else name)
-    return names
+    """Metric names as exposed, from the metric contract (collector/metrics.py)."""
+    from collector.metrics import metric_names
+
+    return metric_names()
 
 
 # ---------------------------------------------------------------------------------------------
