@@ -222,3 +222,35 @@ def test_clock_jumps_on_the_kit_pc(tmp_path, broker, collector_factory, jump, fi
         os.killpg(proc.pid, signal.SIGTERM)  # faketime's child too
         proc.wait(10)
         log.close()
+
+
+def test_long_outage_backlog_in_order_bound_honoured_drops_exported(tmp_path, collector_factory, agent_process,
+                                                                  figures):
+    """The broker is away for a long stretch (shortened: a tiny queue fills in seconds); after it
+    returns the backlog arrives in order, no more than the bound was kept, and the drops reach
+    the collector's metrics."""
+    from conftest import http_get
+
+    broker = Mosquitto(tmp_path / "broker", persistence=True).start()
+    collector = collector_factory(broker)  # its session, kept by the broker, outlives the outage
+    broker.stop()
+    cfg = write_agent_config(tmp_path / "a.yaml", broker, tmp_path / "state", queue={"max_size": "2KB"})
+    agent = agent_process(cfg)
+    wait_for(lambda: "dropping the oldest reports" in agent.log(), timeout=40, what="the queue to overflow")
+    broker.start()
+    try:
+        kit = wire.KitId("sintang", "dedai", "kit-1")
+        wait_for(lambda: collector.fleet.get(kit) and collector.fleet.get(kit).dropped > 0 and
+                 collector.fleet.get(kit).replayed > 0, timeout=30, what="the backlog and the drop count")
+        boot = boot_of(agent)
+        ranges = ledger(collector, kit)[boot]
+        first_kept = ranges[0][0]
+        _, body = http_get(f"http://127.0.0.1:{collector.port}/metrics")
+        line = [ln for ln in body.decode().splitlines() if ln.startswith("ektp_agent_dropped_reports_total{")][0]
+        dropped = float(line.rsplit(" ", 1)[1])
+        figures.update(queue_bound_bytes=2048, dropped=int(dropped), first_seq_kept=first_kept,
+                       backlog_received=collector.fleet.get(kit).replayed)
+        assert first_kept > 1 and dropped >= first_kept - 1, "the oldest were dropped and counted"
+        assert len(ranges) == 1, "from the oldest kept on, nothing is missing"
+    finally:
+        broker.stop()
