@@ -325,15 +325,11 @@ def _check_readable(path: str | None, file: str, key: str) -> None:
         raise ConfigError(file, key, f"{path} {reason}")
 
 
-def load(path: str | os.PathLike, registry: dict[str, type] | None = None) -> LoadedConfig:
-    """Read and check the agent config. `registry` maps probe type names to probe classes."""
-    from agent.probes import REGISTRY, default_type
-
-    registry = REGISTRY if registry is None else registry
-    file = str(path)
-    raw: AgentConfig = convert(read_yaml(path), AgentConfig, file)
-    broker = parse_broker_url(raw.broker.url, file)
-    tls = raw.broker.tls
+def check_broker(settings, file: str) -> tuple[Broker, Secret | None]:
+    """The `broker:` block shared by the agent's and the collector's configs: URL, TLS files,
+    credentials. Returns the parsed address and the password read from its file."""
+    broker = parse_broker_url(settings.url, file)
+    tls = settings.tls
     if not broker.tls and (tls.ca or tls.cert or tls.key):
         raise ConfigError(file, "broker.tls", "TLS files are set but broker.url is not mqtts://")
     for key in ("ca", "cert", "key"):
@@ -341,10 +337,21 @@ def load(path: str | os.PathLike, registry: dict[str, type] | None = None) -> Lo
     if bool(tls.cert) != bool(tls.key):
         raise ConfigError(file, "broker.tls", "set both cert and key, or neither")
     password = None
-    if raw.broker.password_file:
-        if not raw.broker.username:
+    if settings.password_file:
+        if not settings.username:
             raise ConfigError(file, "broker.username", "required when broker.password_file is set")
-        password = read_secret(raw.broker.password_file, file, "broker.password_file")
+        password = read_secret(settings.password_file, file, "broker.password_file")
+    return broker, password
+
+
+def load(path: str | os.PathLike, registry: dict[str, type] | None = None) -> LoadedConfig:
+    """Read and check the agent config. `registry` maps probe type names to probe classes."""
+    from agent.probes import REGISTRY, default_type
+
+    registry = REGISTRY if registry is None else registry
+    file = str(path)
+    raw: AgentConfig = convert(read_yaml(path), AgentConfig, file)
+    broker, password = check_broker(raw.broker, file)
     try:
         max_bytes = parse_size(raw.queue.max_size)
     except ValueError:

@@ -50,6 +50,15 @@ def build_tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.
     return context
 
 
+def connect_failure() -> str:
+    """Why paho could not connect, in words. paho calls on_connect_fail inside its
+    `except OSError`, so the exception is still at hand there."""
+    exc = sys.exc_info()[1]
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"the broker's TLS certificate was not accepted ({exc.verify_message})"
+    return f"{type(exc).__name__}: {exc}" if exc else "unknown error"
+
+
 class Publisher:
     def __init__(self, config, kit: wire.KitId, boot: str, heartbeat: int, outbox: Outbox, clock):
         self.cfg = config.raw.broker
@@ -140,13 +149,8 @@ class Publisher:
         self._wake.set()
 
     def _on_connect_fail(self, client, userdata):
-        # paho calls this inside its `except OSError`, so the cause is still at hand
-        exc = sys.exc_info()[1]
-        reason = f"{type(exc).__name__}: {exc}" if exc else "unknown error"
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            reason = f"the broker's TLS certificate was not accepted ({exc.verify_message})"
         self._rlog.warning("connect", "cannot connect to %s:%d: %s; retrying with backoff",
-                           self.broker.host, self.broker.port, reason)
+                           self.broker.host, self.broker.port, connect_failure())
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         was = self.connected.is_set()

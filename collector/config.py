@@ -17,8 +17,8 @@ from agent.config import (
     Secret,
     TlsConfig,
     _check_readable,
+    check_broker,
     convert,
-    parse_broker_url,
     read_secret,
     read_yaml,
 )
@@ -201,17 +201,7 @@ def _web_config(path: str, file: str) -> tuple[str | None, str | None, str | Non
 def load(path: str | os.PathLike) -> LoadedCollectorConfig:
     file = str(path)
     raw: CollectorConfig = convert(read_yaml(path), CollectorConfig, file)
-    broker = parse_broker_url(raw.broker.url, file)
-    tls = raw.broker.tls
-    if not broker.tls and (tls.ca or tls.cert or tls.key):
-        raise ConfigError(file, "broker.tls", "TLS files are set but broker.url is not mqtts://")
-    for key in ("ca", "cert", "key"):
-        _check_readable(getattr(tls, key), file, f"broker.tls.{key}")
-    password = None
-    if raw.broker.password_file:
-        if not raw.broker.username:
-            raise ConfigError(file, "broker.username", "required when broker.password_file is set")
-        password = read_secret(raw.broker.password_file, file, "broker.password_file")
+    broker, password = check_broker(raw.broker, file)
     host, port = _listen(raw.http.listen, file)
     cert = key = client_ca = None
     users: dict[str, bytes] = {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import ssl
 import threading
 import time
 from collections import Counter
@@ -22,7 +21,7 @@ from paho.mqtt.properties import Properties
 
 from agent import wire
 from agent.logutil import RateLimitedLog
-from agent.mqtt import build_tls_context
+from agent.mqtt import build_tls_context, connect_failure
 from collector.config import LoadedCollectorConfig
 from collector.fleet import Event, Fleet, Refused
 from collector.store import Store
@@ -92,14 +91,8 @@ class Ingest:
         self.connected.set()
 
     def _on_connect_fail(self, client, userdata):
-        import sys
-
-        exc = sys.exc_info()[1]
-        reason = f"{type(exc).__name__}: {exc}" if exc else "unknown error"
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            reason = f"the broker's TLS certificate was not accepted ({exc.verify_message})"
         self._rlog.warning("connect", "cannot connect to %s:%d: %s", self.config.broker.host,
-                           self.config.broker.port, reason)
+                           self.config.broker.port, connect_failure())
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.connected.clear()

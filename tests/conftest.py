@@ -20,6 +20,7 @@ from paho.mqtt.properties import Properties
 
 from agent import wire
 from collector.devbroker import Mosquitto, free_port
+from collector.simfleet import DistrictServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,39 +116,8 @@ def recorder_factory():
         rec.close()
 
 
-class TcpTarget:
-    """A TCP listener the link probe can reach; `close()` makes it refuse, `open()` accept again."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.sock: socket.socket | None = None
-        self.open()
-
-    def open(self):
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        sock.listen(64)
-        self.sock = sock
-        threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
-
-    def _accept(self, sock):
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                return
-            conn.close()
-
-    def close(self):
-        if self.sock:
-            # shutdown wakes the thread blocked in accept(); close alone leaves it listening
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self.sock.close()
-            self.sock = None
+# A TCP listener the link probe can reach: close() makes it refuse, open() accept again.
+TcpTarget = DistrictServer
 
 
 @pytest.fixture
