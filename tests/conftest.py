@@ -208,7 +208,7 @@ def agent_process(tmp_path):
 
 def write_collector_config(path: Path, mosq: Mosquitto, store: Path, **overrides) -> Path:
     config = {
-        "broker": {"url": mosq.url, "client_id": f"collector-{path.stem}", "keepalive": 5},
+        "broker": {"url": mosq.url, "client_id": f"collector-{path.stem}"},
         "http": {"listen": "127.0.0.1:0"},
         "store": {"path": str(store)},
         "fleet": {"required_devices": []},
