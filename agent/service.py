@@ -44,7 +44,10 @@ def hold_lock(path: Path):
 
 
 def probe_context(config: LoadedConfig) -> ProbeContext:
-    return ProbeContext(sysfs_root=config.raw.paths.sysfs, dev_root=config.raw.paths.dev)
+    from agent.probes.usb import ListingCache
+
+    return ProbeContext(sysfs_root=config.raw.paths.sysfs, dev_root=config.raw.paths.dev,
+                        usb_listing=ListingCache())
 
 
 def build_slots(config: LoadedConfig, context: ProbeContext) -> list[Slot]:

@@ -653,3 +653,28 @@ def test_describe_prefers_the_catalogue():
         "DigitalPersona, Inc. Fingerprint Reader (fingerprint candidate)")
     assert describe_usb("046d", "0825", None, namer) == "Logitech, Inc. Webcam C270"
     assert describe_usb("1d6b", "0104", catalogue, UsbNamer([])) is None
+
+
+def test_windows_listing_is_shared_by_the_kit_probes():
+    """Five USB probes at once start PowerShell once, not five times."""
+    import threading
+
+    from agent.probes.usb import ListingCache
+
+    calls = []
+    text = (WINDOWS / sorted(p.name for p in WINDOWS.glob("*.json"))[0]).read_text(encoding="utf-8-sig")
+
+    def powershell(script, timeout):
+        calls.append(1)
+        return text
+
+    ctx = ProbeContext(platform="win32", usb_listing=ListingCache())
+    probes = [make(name, ctx) for name in KIT]
+    for probe in probes:
+        probe.powershell = powershell
+    threads = [threading.Thread(target=probe.run) for probe in probes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(calls) == 1

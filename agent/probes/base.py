@@ -16,6 +16,7 @@ class ProbeContext(Struct):
     sysfs_root: str = "/sys"
     dev_root: str = "/dev"
     platform: str = sys.platform
+    usb_listing: Any = None  # a probes.usb.ListingCache shared by the USB probes of one agent
 
 
 class Probe:

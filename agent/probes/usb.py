@@ -13,6 +13,8 @@ import os
 import re
 import shutil
 import subprocess
+import threading
+import time
 from typing import Annotated, Any, Callable, Iterable, Literal
 
 from msgspec import Meta, Struct, structs
@@ -320,6 +322,30 @@ def list_usb_devices(platform: str, sysfs_root: str = "/sys",
     return parse_sysfs(read_sysfs_usb(sysfs_root))
 
 
+class ListingCache:
+    """One Windows device listing shared by the kit's USB probes: each listing starts PowerShell,
+    which takes a second or more on an old PC, and five probes would otherwise start five."""
+
+    def __init__(self, max_age: float = 5.0):
+        self.max_age = max_age
+        self._lock = threading.Lock()
+        self._key: tuple | None = None
+        self._at = 0.0
+        self._result: list[UsbDevice] | UsbListError | None = None
+
+    def get(self, key: tuple, fetch: Callable[[], list[UsbDevice]]) -> list[UsbDevice]:
+        with self._lock:  # the other probes wait for the one listing, then share it
+            if self._key != key or time.monotonic() - self._at >= self.max_age:
+                try:
+                    self._result = fetch()
+                except UsbListError as exc:
+                    self._result = exc
+                self._key, self._at = key, time.monotonic()
+            if isinstance(self._result, UsbListError):
+                raise self._result
+            return self._result
+
+
 def _same_serial(a: str | None, b: str | None) -> bool:
     # Windows upper-cases serial numbers in instance ids
     return a is not None and b is not None and a.strip().casefold() == b.strip().casefold()
@@ -381,7 +407,12 @@ class UsbProbe(Probe):
         return resolve_platform(self.options.platform, self.context.platform)
 
     def list_devices(self) -> list[UsbDevice]:
-        return list_usb_devices(self.platform(), self.context.sysfs_root, self.powershell)
+        platform = self.platform()
+        fetch = lambda: list_usb_devices(platform, self.context.sysfs_root, self.powershell)  # noqa: E731
+        cache = getattr(self.context, "usb_listing", None)
+        if platform == "windows" and cache is not None:
+            return cache.get((platform, self.powershell), fetch)
+        return fetch()  # Linux: reading sysfs is cheap, and always fresh
 
     def presence(self) -> wire.DeviceEntry:
         try:
