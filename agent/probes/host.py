@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import email.utils
-import ssl
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import Annotated
 
 import psutil
@@ -34,6 +30,8 @@ class HostOptions(Struct, forbid_unknown_fields=True):
 
 
 def parse_http_date(value: str | None) -> float | None:
+    import email.utils  # only with a clock reference: keeps the agent lean otherwise
+
     if not value:
         return None
     try:
@@ -48,6 +46,10 @@ def clock_skew(url: str, timeout: float, now=time.time) -> float:
     The header has one-second resolution; the request's midpoint is compared with the server's
     second plus one half, so the error is within about half a second plus half the round trip.
     """
+    import ssl
+    import urllib.error
+    import urllib.request
+
     request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "ektp-agent"})
     context = ssl.create_default_context()
     start = now()
