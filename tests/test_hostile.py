@@ -77,7 +77,7 @@ def test_mutated_reports_are_valid_or_refused_never_half_read(field, value):
 @pytest.mark.parametrize("payload", [
     b"[" * 100_000, b'{"a":' * 5000, b'{"v":1,"p":{"x":' + b"[" * 8000, b'"' + b"x" * 20_000 + b'"',
     b'{"v":1,"kab":"' + "é\u202e\x00".encode() * 10 + b'"}', b"\x78\x9c" + b"\xff" * 100,
-])
+], ids=["deep-array", "deep-object", "deep-in-probes", "huge-string", "control-chars-in-name", "bad-zlib"])
 def test_pathological_payloads(payload):
     with pytest.raises(wire.WireError):
         wire.decode_report(payload)
