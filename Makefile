@@ -6,10 +6,11 @@ BIN := $(VENV)/bin
 # command:package pairs needed from the system (tests start their own daemons on loopback)
 SYSTEM_DEPS := mosquitto:mosquitto promtool:prometheus prometheus:prometheus ping:iputils-ping \
 	dummy-ups:nut-server upsd:nut-server amtool:prometheus-alertmanager faketime:faketime \
-	systemd-analyze:systemd mosquitto_passwd:mosquitto
+	systemd-analyze:systemd mosquitto_passwd:mosquitto \
+	prometheus-node-exporter:prometheus-node-exporter prometheus-mqtt-exporter:prometheus-mqtt-exporter
 PYTEST_ARGS ?=
 
-.PHONY: test demo deps sysdeps venv clean reliability-report
+.PHONY: test demo deps sysdeps venv clean reliability-report bench
 
 test: deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -25,6 +26,10 @@ reliability-report: deps
 	  --junitxml=build/reliability.xml $(RELIABILITY_TESTS) || true
 	$(BIN)/python bench/reliability_report.py build/reliability.xml build/reliability.jsonl > docs/reliability.md
 	@echo "wrote docs/reliability.md"
+
+# Benchmarks next to the peers (about 25 minutes on 2 cores); writes bench/results/latest.{json,md}.
+bench: deps
+	$(BIN)/python -m bench.run
 
 demo: deps
 	$(BIN)/python -m collector demo
