@@ -257,6 +257,13 @@ class Exposition:
             body = "".join([row[index] for row in rows])
             if body:
                 yield (_header(family.name, family.type, family.help) + body).encode()
+        places = sorted(self.fleet.coords.items())
+        if places:  # only what the inventory gives; coordinates are never guessed
+            yield (_header("ektp_kecamatan_location_info", G, "Kecamatan position from the collector's inventory "
+                           "(value 1), for map panels.")
+                   + "".join(f'ektp_kecamatan_location_info{{kabupaten="{kab}",kecamatan="{kec}",'
+                             f'name="{_esc(self.fleet.display_name(kab, kec))}",latitude="{lat}",longitude="{lon}"}} 1\n'
+                             for (kab, kec), (lat, lon) in places)).encode()
         counts = dict.fromkeys(KIT_STATES, 0)
         for kit in kits:
             counts["ready" if kit.ready else "not_ready" if kit.online else "offline"] += 1
@@ -269,7 +276,7 @@ def _header(name: str, kind: str, doc: str) -> str:
 
 
 COLLECTOR_FAMILIES = (
-    "ektp_collector_kits", "ektp_collector_messages_received_total", "ektp_collector_messages_refused_total",
+    "ektp_kecamatan_location_info", "ektp_collector_kits", "ektp_collector_messages_received_total", "ektp_collector_messages_refused_total",
     "ektp_collector_mqtt_connected", "ektp_collector_inbox_messages", "ektp_collector_alerts",
     "ektp_collector_emails_sent_total", "ektp_collector_email_failures_total", "ektp_collector_email_queued",
 )

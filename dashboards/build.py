@@ -395,6 +395,25 @@ def fleet_overview() -> dict:
                        targets((f"max by (kecamatan, kit) (ektp_kit_ready{{{f}}} + ektp_kit_online{{{f}}})",
                                 "{{kecamatan}} / {{kit}}")),
                        mappings=READY3, h=10),
+        row("Peta (map)"),
+        panel("geomap", "Peta kecamatan: kit siap merekam (map)",
+              "Setiap kecamatan yang punya koordinat di inventaris collector; angka = jumlah kit yang siap "
+              "merekam (0 = tidak bisa merekam). Tanpa koordinat di inventaris, peta ini kosong.",
+              [target(f'ektp_kecamatan_location_info{{kabupaten=~"$kabupaten"}} * on (kabupaten, kecamatan) '
+                      f'group_left () sum by (kabupaten, kecamatan) (ektp_kit_ready{{{f}}})',
+                      "{{name}}", instant=True, table=True)],
+              unit="none", w=24, h=12, thresholds=steps("red", (1, "green")),
+              color={"mode": "thresholds"},
+              options={"view": {"id": "coords", "lat": 0.0, "lon": 111.8, "zoom": 7},
+                       "controls": {"showZoom": True, "mouseWheelZoom": True},
+                       "layers": [{"type": "markers", "name": "Kecamatan",
+                                   "location": {"mode": "coords", "latitude": "latitude", "longitude": "longitude"},
+                                   "config": {"showLegend": True,
+                                              "style": {"color": {"field": "Value"}, "size": {"fixed": 8},
+                                                        "text": {"field": "name", "mode": "field"}}}}]},
+              transformations=[{"id": "convertFieldType", "options": {"conversions": [
+                  {"targetField": "latitude", "destinationType": "number"},
+                  {"targetField": "longitude", "destinationType": "number"}]}}]),
     ]
     return dashboard(
         "ektp-fleet-overview", "e-KTP: Ringkasan kit perekaman (fleet overview)",

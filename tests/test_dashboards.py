@@ -199,9 +199,10 @@ KAB = "sintang"
 # dedai: everything works (UPS on mains); serawai: fingerprint unplugged, mains failure, district
 # unreachable; sintang: iris without a driver, no UPS; ambalau: in the inventory, never reports.
 INVENTORY = {KAB: {"name": "Kabupaten Sintang", "kecamatan": {
-    "dedai": {"kits": ["kit-1"], "name": "Dedai"},
-    "serawai": {"kits": ["kit-1"], "name": "Serawai"},
-    "sintang": {"kits": ["kit-1"], "name": "Sintang"},
+    # coordinates illustrative, for the map panel
+    "dedai": {"kits": ["kit-1"], "name": "Dedai", "lat": -0.05, "lon": 111.25},
+    "serawai": {"kits": ["kit-1"], "name": "Serawai", "lat": -0.55, "lon": 112.55},
+    "sintang": {"kits": ["kit-1"], "name": "Sintang", "lat": 0.07, "lon": 111.5},
     "ambalau": {"kits": ["kit-1"], "name": "Ambalau"},
 }}}
 REQUIRED = ["fingerprint", "iris", "camera", "signature_pad"]
