@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 import yaml
 
@@ -61,7 +62,7 @@ def _agent_config(kit, broker_url: str) -> None:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def measure_agent(ctx: Ctx, broker: Mosquitto, warmup: float, window: float) -> dict:
+def measure_agent(ctx: Ctx, broker: Mosquitto, warmup: float, window: float, profile: Path | None = None) -> dict:
     fleet = SimFleet(ctx.tmp("agent"))
     try:
         kit = fleet.add("sintang", "dedai", "kit-1")
@@ -73,9 +74,18 @@ def measure_agent(ctx: Ctx, broker: Mosquitto, warmup: float, window: float) -> 
         if kit.proc.poll() is not None:
             raise RuntimeError("the agent exited: " + (kit.directory / "agent.log").read_text()[-2000:])
         rss_start = memory(pid)["rss"]
+        spy = None
+        if profile is not None:
+            from bench.ingest import find_py_spy
+
+            spy = subprocess.Popen([str(find_py_spy()), "record", "--pid", str(pid), "--rate", "100", "--duration",
+                                    str(int(window)), "--format", "raw", "--threads", "--nonblocking",
+                                    "-o", str(profile)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cpu0, t0 = cpu_seconds(pid), time.monotonic()
         time.sleep(window)
         cpu1, t1 = cpu_seconds(pid), time.monotonic()
+        if spy is not None:
+            spy.wait(60)
         mem = memory(pid)
         cycles = (t1 - t0) / INTERVAL
         return {"rss": mem["rss"], "anon": mem["anon"], "file": mem["file"], "threads": mem["threads"],
@@ -170,6 +180,29 @@ def run(ctx: Ctx) -> list[Figure]:
         Figure("agent_rss_anon_mb", "Running agent: anonymous RSS (heap, stacks)", anon, "MB",
                note=f"mapped files/libraries: {file_:.1f} MB; {med(agents, 'threads'):.0f} threads"),
     ]
+    if agent_cpu >= 20 and not ctx.quick:
+        from bench.ingest import find_py_spy, summarize_profile
+
+        if find_py_spy() is None:
+            ctx.note("CPU goal missed; install py-spy (or set PY_SPY) to see which probe dominates")
+        else:
+            out = ctx.workdir / "agent-profile.txt"
+            with Mosquitto(ctx.tmp("broker-profile")) as broker:
+                row = measure_agent(ctx, broker, warmup, 30.0, profile=out)
+            summary = summarize_profile(out, 15)
+            ctx.extra["agent_profile"] = summary
+
+            def cost(items, n):
+                return ", ".join([f"{k} {v}% (~{v * agent_cpu / 100:.1f} ms)" for k, v in items
+                                  if not k.startswith(("Thread.", "Thread._", "_WorkItem.run",
+                                                       "_worker (thread.py"))][:n])
+
+            text = (f"py-spy, 30 s of one more agent ({row['cpu_per_cycle'] * 1000:.1f} ms/cycle while profiled; "
+                    f"ms = share x {agent_cpu:.1f} ms): inclusive " + cost(summary["inclusive"], 6)
+                    + "; self " + cost(summary["self"], 5))
+            figures[1].why += "; " + text
+            ctx.note("agent CPU profile, by thread: " + ", ".join(f"{k.split(': ')[-1]} {v}%"
+                                                                  for k, v in summary["threads"][:8]))
     ctx.extra["agents"] = agents
     ctx.extra["node_exporter"] = peers
     ctx.extra["imports_rss_mb"] = {k.strip(): round(v["rss"] * 1e-6, 2) for k, v in imports.items()}

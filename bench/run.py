@@ -55,6 +55,17 @@ def markdown(doc: dict) -> str:
         f"{'QUICK run (1 run, tiny sizes): not for comparison. ' if doc['quick'] else ''}"
         f"Each value is the median of {doc['runs']} run(s); peers were measured in the same run on the same machine.",
         "",
+    ]
+    latest = {}  # benchmark -> the last re-run that measured it
+    for merge in doc.get("merged", []):
+        for name in merge["benchmarks"]:
+            latest[name] = merge
+    for merge in doc.get("merged", []):
+        names = [n for n in merge["benchmarks"] if latest.get(n) is merge]
+        if names:
+            lines += [f"Re-run later with `{merge['command']}` on {merge['at']}: {', '.join(names)} "
+                      "(those sections' figures come from that run).", ""]
+    lines += [
         f"Machine: {m['nproc']} cores, {m['cpu']}, {m['memory_gb']} GB, Python {m['python']}, kernel {m['kernel']}; "
         f"paho-mqtt {m['paho_mqtt']}, msgspec {m['msgspec']}; "
         + ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v)
@@ -78,8 +89,9 @@ def markdown(doc: dict) -> str:
         notes += section.get("notes", [])
         if not notes:
             continue
-        lines += [f"## {section['title']}", "", f"Load average {section['loadavg'][0]} -> {section['loadavg'][1]}, "
-                  f"{section['seconds']:.0f} s.", ""]
+        load = f"oad average {section['loadavg'][0]} -> {section['loadavg'][1]}, {section['seconds']:.0f} s."
+        when = f"Measured {section['started']}; l" if section.get("started") else "L"
+        lines += [f"## {section['title']}", "", when + load, ""]
         lines += [f"- {_cell(n)}" for n in notes]
         lines.append("")
     return "\n".join(lines)
@@ -92,7 +104,15 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, help="runs per figure (default 3; 1 with --quick)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="where latest.json/.md go")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, configs)")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only the benchmarks run now in an existing latest.json (the table says when "
+                             "each section was measured)")
+    parser.add_argument("--render", action="store_true", help="only write latest.md again from latest.json")
     args = parser.parse_args(argv)
+    if args.render:
+        doc = json.loads((Path(args.out) / "latest.json").read_text())
+        (Path(args.out) / "latest.md").write_text(markdown(doc))
+        return 0
     names = list(BENCHMARKS)
     if args.only:
         names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -102,9 +122,17 @@ def main(argv=None) -> int:
     runs = args.runs or (1 if args.quick else 3)
     workdir = Path(tempfile.mkdtemp(prefix="ektp-bench-"))
     started = time.time()
-    doc = {"command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "quick": args.quick,
-           "runs": runs, "machine": machine(), "benchmarks": {}}
+    command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    doc = {"command": command, "started": now, "quick": args.quick, "runs": runs, "machine": machine(),
+           "benchmarks": {}}
+    previous = Path(args.out) / "latest.json"
+    if args.merge and previous.exists():
+        old = json.loads(previous.read_text())
+        if old.get("quick") != args.quick or old.get("runs") != runs:
+            parser.error("--merge needs the same --quick and --runs as the existing latest.json")
+        old.setdefault("merged", []).append({"command": command, "at": now, "benchmarks": names})
+        doc = {**old, "benchmarks": dict(old["benchmarks"])}
     print(f"machine: {doc['machine']['nproc']} cores, {doc['machine']['cpu']}, Python {doc['machine']['python']}, "
           f"load {doc['machine']['loadavg_at_start']}; scratch {workdir}", flush=True)
     failed = False
@@ -115,7 +143,8 @@ def main(argv=None) -> int:
             ctx = Ctx(args.quick, runs, workdir / name, log=lambda s: print(s, flush=True))
             ctx.workdir.mkdir(parents=True)
             load0, t0 = loadavg(), time.monotonic()
-            section = {"title": module.TITLE, "figures": [], "notes": []}
+            section = {"title": module.TITLE, "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                       "figures": [], "notes": []}
             try:
                 figures = module.run(ctx)
                 section["figures"] = [f.to_dict() for f in figures]
@@ -134,8 +163,9 @@ def main(argv=None) -> int:
             section["loadavg"] = [load0, loadavg()]
             doc["benchmarks"][name] = section
     finally:
-        doc["seconds"] = time.time() - started
-        doc["loadavg_at_end"] = loadavg()
+        if not doc.get("merged"):
+            doc["seconds"] = time.time() - started
+            doc["loadavg_at_end"] = loadavg()
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "latest.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
