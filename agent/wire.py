@@ -25,11 +25,23 @@ MAX_STATUS_BYTES = 2 * 1024
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,47}$"
 _SLUG_RE = re.compile(SLUG_PATTERN)
 
+CODE_PATTERN = r"^[a-z0-9_]{0,40}$"
+BOOT_PATTERN = r"^[0-9a-f]{8,32}$"
+USB_ID_PATTERN = r"^[0-9a-f]{4}$"
+PROBLEM_PATTERN = r"^[a-z_]{0,20}$"
+
 Slug = Annotated[str, Meta(pattern=SLUG_PATTERN)]
 Label = Annotated[str, Meta(max_length=64)]
 Text = Annotated[str, Meta(max_length=256)]
-Code = Annotated[str, Meta(pattern=r"^[a-z0-9_]{0,40}$")]
-BootId = Annotated[str, Meta(pattern=r"^[0-9a-f]{8,32}$")]
+Code = Annotated[str, Meta(pattern=CODE_PATTERN)]
+BootId = Annotated[str, Meta(pattern=BOOT_PATTERN)]
+# In reports the same patterns are checked after decoding (_check_report): msgspec runs a Python
+# regex per constrained string, about 20 per report and most of the decoding time, while the
+# values (probe names, codes, USB ids) repeat from report to report and are checked once.
+_RSlug = Annotated[str, Meta(min_length=1, max_length=48)]
+_RCode = Annotated[str, Meta(max_length=40)]
+_RBoot = Annotated[str, Meta(min_length=8, max_length=32)]
+_RUsbId = Annotated[str, Meta(min_length=4, max_length=4)]
 Count = Annotated[int, Meta(ge=0, le=2**53)]
 Seconds = Annotated[float, Meta(ge=0)]
 
@@ -117,7 +129,7 @@ class Status(Struct, omit_defaults=True, forbid_unknown_fields=False):
 
 class Entry(Struct, tag_field="k", omit_defaults=True, forbid_unknown_fields=False):
     s: State
-    c: Code = ""  # reason code, stable and translatable (see agent/messages.py)
+    c: _RCode = ""  # CODE_PATTERN: reason code, stable and translatable (see agent/messages.py)
     m: Text = ""  # detail in plain words (an exception text, a device name)
 
 
@@ -150,8 +162,8 @@ class LinkEntry(Entry, tag="link"):
 
 
 class DeviceEntry(Entry, tag="dev"):
-    vid: Annotated[str, Meta(pattern=r"^[0-9a-f]{4}$")] | None = None
-    pid: Annotated[str, Meta(pattern=r"^[0-9a-f]{4}$")] | None = None
+    vid: _RUsbId | None = None  # USB_ID_PATTERN
+    pid: _RUsbId | None = None  # USB_ID_PATTERN
     vendor: Label | None = None
     product: Label | None = None
     serial: Label | None = None
@@ -194,19 +206,19 @@ class QueueStats(Struct, array_like=True, omit_defaults=True):
     queued: Count  # reports waiting in the agent's store-and-forward queue
     dropped: Count  # reports dropped because the queue was full, ever
     # why the queue is held in memory instead of on disk: disk_full, read_only, io_error
-    problem: Annotated[str, Meta(pattern=r"^[a-z_]{0,20}$")] = ""
+    problem: Annotated[str, Meta(max_length=20)] = ""  # PROBLEM_PATTERN
 
 
 class Report(Struct, omit_defaults=True, forbid_unknown_fields=False):
     v: int
-    kab: Slug
-    kec: Slug
-    kit: Slug
+    kab: _RSlug  # SLUG_PATTERN, as kec, kit and the probe names in p
+    kec: _RSlug
+    kit: _RSlug
     ts: Seconds  # agent clock, unix seconds
-    boot: BootId  # random per agent start; (boot, seq) identifies a report
+    boot: _RBoot  # BOOT_PATTERN; random per agent start; (boot, seq) identifies a report
     seq: Annotated[int, Meta(ge=1, le=2**53)]
     hb: Annotated[int, Meta(ge=1, le=86400)]  # heartbeat seconds: the next report is due by then
-    p: Annotated[dict[Slug, AnyEntry], Meta(max_length=32)]
+    p: Annotated[dict[_RSlug, AnyEntry], Meta(max_length=32)]
     replay: bool = False  # sent from the backlog after an outage
     q: QueueStats | None = None
 
@@ -291,8 +303,64 @@ def _refuse_other_version(payload: bytes) -> None:
         raise WireError("version", f"schema version {version}, this side speaks {SCHEMA_VERSION}")
 
 
+class _Checked:
+    """Values already seen to match a pattern, so a repeated value costs a set lookup."""
+
+    LIMIT = 4096  # past this many values, new ones are matched each time: the set stays bounded
+
+    __slots__ = ("regex", "pattern", "seen")
+
+    def __init__(self, pattern: str):
+        self.pattern = pattern
+        self.regex = re.compile(pattern)
+        self.seen: set[str] = set()
+
+    def need(self, value: str, where: str) -> None:
+        if value in self.seen:
+            return
+        if not self.regex.match(value):
+            raise WireError("invalid", f"Expected `str` matching regex {self.pattern!r} - at `$.{where}`")
+        if len(self.seen) < self.LIMIT:
+            self.seen.add(value)
+
+
+class _ReportChecks:
+    def __init__(self):
+        self.slug = _Checked(SLUG_PATTERN)
+        self.code = _Checked(CODE_PATTERN)
+        self.boot = _Checked(BOOT_PATTERN)
+        self.usb_id = _Checked(USB_ID_PATTERN)
+        self.problem = _Checked(PROBLEM_PATTERN)
+
+    def __call__(self, report: Report) -> None:
+        slug, code, usb_id = self.slug, self.code, self.usb_id
+        slugs, codes, usb_ids = slug.seen, code.seen, usb_id.seen
+        if report.kab not in slugs or report.kec not in slugs or report.kit not in slugs:
+            slug.need(report.kab, "kab")
+            slug.need(report.kec, "kec")
+            slug.need(report.kit, "kit")
+        if report.boot not in self.boot.seen:
+            self.boot.need(report.boot, "boot")
+        for name, entry in report.p.items():
+            if name not in slugs:
+                slug.need(name, f"p.{name}")
+            if entry.c and entry.c not in codes:
+                code.need(entry.c, f"p.{name}.c")
+            if type(entry) is DeviceEntry:
+                if entry.vid is not None and entry.vid not in usb_ids:
+                    usb_id.need(entry.vid, f"p.{name}.vid")
+                if entry.pid is not None and entry.pid not in usb_ids:
+                    usb_id.need(entry.pid, f"p.{name}.pid")
+        if report.q is not None and report.q.problem:
+            self.problem.need(report.q.problem, "q[2]")
+
+
+_check_report = _ReportChecks()
+
+
 def decode_report(payload: bytes, expect: KitId | None = None) -> Report:
     report: Report = _decode(_report_decoder, payload, MAX_REPORT_BYTES)
+    _check_report(report)
     if expect is not None and report.kit_id != expect:
         raise WireError("identity", f"payload says {report.kit_id}, topic says {expect}")
     return report

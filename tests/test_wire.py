@@ -115,6 +115,12 @@ def test_unknown_version_refused_with_reason():
         (("p", "iris", "s"), "broken"),
         (("p", "iris", "k"), "toaster"),
         (("p", "fingerprint", "vid"), "XYZW"),
+        (("p", "fingerprint", "pid"), "03 0"),
+        (("p", "iris", "c"), "Not Detected"),
+        (("kec",), ""),
+        (("boot",), "not-hex-at-all"),
+        (("q",), [1, 0, "Disk Full"]),
+        (("p",), {"Iris Scanner": {"k": "dev", "s": "ok"}}),
         (("p", "link", "targets"), ["district"]),
         (("q",), {"queued": 1}),
         (("p",), {f"probe{i}": {"k": "dev", "s": "ok"} for i in range(40)}),
@@ -130,6 +136,20 @@ def test_wrong_types_and_values_refused(path, value):
     with pytest.raises(wire.WireError) as err:
         wire.decode_report(json.dumps(doc).encode())
     assert err.value.reason == "invalid"
+
+
+def test_pattern_checks_hold_after_values_were_seen_and_past_the_cache_limit(monkeypatch):
+    # Report patterns are checked after decoding with a cache of values already seen to match;
+    # a good value seen before must not open the door to a bad one, and a full cache still checks.
+    monkeypatch.setattr(wire._Checked, "LIMIT", 3)
+    for i in range(6):
+        report = full_report(boot=f"{i:016x}", p={f"probe-{i}": wire.DeviceEntry(s="ok", vid="1162")})
+        assert wire.decode_report(wire.encode(report)) == report
+    doc = msgspec.to_builtins(full_report())
+    doc["p"]["probe-9 "] = {"k": "dev", "s": "ok"}
+    with pytest.raises(wire.WireError) as err:
+        wire.decode_report(json.dumps(doc).encode())
+    assert err.value.reason == "invalid" and "$.p.probe-9 " in str(err.value)
 
 
 def test_unknown_fields_are_ignored_for_additive_evolution():
