@@ -162,6 +162,7 @@ class Fleet:
         self.required = tuple(config.fleet.required_devices)
         self.lock = threading.Lock()
         self.kits: dict[wire.KitId, Kit] = {}
+        self._seen: list[tuple[wire.KitId, str, int]] = []  # reports taken since take_seen()
         self.names: dict[tuple, str] = {}  # (kab,) / (kab, kec) -> display name
         self.coords: dict[tuple[str, str], tuple[float, float]] = {}
         for kab, kab_cfg in config.inventory.items():
@@ -243,6 +244,7 @@ class Fleet:
             if not ledger.add(report.seq):
                 kit.duplicates += 1
                 return []
+            self._seen.append((kit_id, report.boot, report.seq))
             kit.reports += 1
             kit.last_report = now
             kit.dirty = True
@@ -304,12 +306,17 @@ class Fleet:
     @staticmethod
     def _changes(kit_id, old: dict[str, wire.Entry], new: dict[str, wire.Entry], now: float,
                  agent_ts: float, replayed: bool) -> list[Event]:
-        events = []
+        events: list[Event] = []
+        # structs compare by value: most entries repeat unchanged and need no closer look
+        changed = [name for name, after in new.items() if old.get(name) != after]
+        changed += [name for name in old if name not in new]
+        if not changed:
+            return events
 
         def add(kind, subject, before, after, detail=""):
             events.append(Event(kit_id, kind, subject, before, after, now, agent_ts, replayed, detail))
 
-        for name in sorted(new.keys() | old.keys()):
+        for name in sorted(changed):
             before, after = old.get(name), new.get(name)
             old_state = before.s if before is not None else "absent"
             new_state = after.s if after is not None else "absent"
@@ -352,10 +359,18 @@ class Fleet:
             kit = self.kits.get(kit_id)
             return _copy(kit) if kit else None
 
-    def take_dirty(self) -> list[tuple[wire.KitId, KitRecord]]:
+    def take_seen(self) -> list[tuple[wire.KitId, str, int]]:
+        """(kit, boot, seq) of every report taken into a ledger since the last call."""
+        with self.lock:
+            seen, self._seen = self._seen, []
+            return seen
+
+    def take_dirty(self, only: set[wire.KitId] | None = None) -> list[tuple[wire.KitId, KitRecord]]:
+        """Records of the kits changed since they were last taken (of `only`, when given)."""
         with self.lock:
             out = []
-            for kit in self.kits.values():
+            kits = self.kits.values() if only is None else filter(None, map(self.kits.get, only))
+            for kit in kits:
                 if kit.dirty:
                     kit.dirty = False
                     out.append((kit.id, to_record(kit)))

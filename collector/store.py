@@ -35,10 +35,19 @@ CREATE TABLE IF NOT EXISTS ledger (
     ranges TEXT NOT NULL, updated REAL NOT NULL,
     PRIMARY KEY (kabupaten, kecamatan, kit, boot)
 );
+-- Reports taken since the ledger rows were last written, one row per ingest batch: writing each
+-- touched ledger per batch cost an upsert per report. Folded into `ledger` every few seconds.
+CREATE TABLE IF NOT EXISTS seen (
+    id INTEGER PRIMARY KEY,
+    reports BLOB NOT NULL
+);
 """
 
 _record_encoder = msgspec.json.Encoder()
 _record_decoder = msgspec.json.Decoder(KitRecord)
+Seen = tuple[wire.KitId, str, int]  # (kit, boot, seq) of a report taken into the ledger
+_seen_encoder = msgspec.msgpack.Encoder()
+_seen_decoder = msgspec.msgpack.Decoder(list[tuple[str, str, str, str, int]])
 
 
 class Store:
@@ -63,12 +72,19 @@ class Store:
 
     # -- writes (ingest worker) ------------------------------------------------------------
 
-    def write(self, events: list[Event], ledgers: list[tuple[wire.KitId, str, Ledger]],
-              records: list[tuple[wire.KitId, KitRecord]], now: float) -> None:
-        """One transaction: history, ledger and snapshots land together or not at all."""
+    def write(self, events: list[Event], seen: list[Seen], records: list[tuple[wire.KitId, KitRecord]],
+              now: float, ledgers: list[tuple[wire.KitId, str, Ledger]] | None = None) -> None:
+        """One transaction: history, the reports taken and snapshots land together or not at all.
+
+        `ledgers`, when given, are the full ledgers of every kit run with reports taken since the
+        last time they were given: they are written and the `seen` journal is emptied.
+        """
         db = self._db
         db.execute("BEGIN")
         try:
+            if seen and ledgers is None:
+                db.execute("INSERT INTO seen (reports) VALUES (?)",
+                           (_seen_encoder.encode([(*kit, boot, seq) for kit, boot, seq in seen]),))
             if events:
                 db.executemany(
                     "INSERT INTO events (kabupaten, kecamatan, kit, kind, subject, old, new, at, agent_ts, replayed,"
@@ -83,6 +99,8 @@ class Store:
                     [(*kit, boot, json.dumps(ledger.ranges, separators=(",", ":")), now)
                      for kit, boot, ledger in ledgers],
                 )
+            if ledgers is not None:
+                db.execute("DELETE FROM seen")
             if records:
                 db.executemany(
                     "INSERT INTO kits VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET record=excluded.record,"
@@ -115,6 +133,8 @@ class Store:
             "SELECT kabupaten, kecamatan, kit, boot, ranges FROM ledger ORDER BY updated"
         ):
             ledgers.setdefault(wire.KitId(kab, kec, kit), {})[boot] = Ledger(json.loads(ranges))
+        for kab, kec, kit, boot, seq in self._seen(self._db):
+            ledgers.setdefault(wire.KitId(kab, kec, kit), {}).setdefault(boot, Ledger()).add(seq)
         out = []
         for kab, kec, kit, record in self._db.execute("SELECT kabupaten, kecamatan, kit, record FROM kits"):
             kit_id = wire.KitId(kab, kec, kit)
@@ -136,10 +156,23 @@ class Store:
         return [dict(zip(keys, row)) | {"replayed": bool(row[6])} for row in rows]
 
     def ledger(self, kit: wire.KitId) -> dict[str, list[list[int]]]:
-        rows = self._reader().execute(
-            "SELECT boot, ranges FROM ledger WHERE kabupaten=? AND kecamatan=? AND kit=? ORDER BY updated", kit
-        ).fetchall()
-        return {boot: json.loads(ranges) for boot, ranges in rows}
+        db = self._reader()
+        db.execute("BEGIN")  # one read snapshot: a fold between the two reads loses nothing
+        try:
+            rows = db.execute("SELECT boot, ranges FROM ledger WHERE kabupaten=? AND kecamatan=? AND kit=?"
+                              " ORDER BY updated", kit).fetchall()
+            ledgers = {boot: Ledger(json.loads(ranges)) for boot, ranges in rows}
+            for kab, kec, name, boot, seq in self._seen(db):
+                if (kab, kec, name) == kit:
+                    ledgers.setdefault(boot, Ledger()).add(seq)
+        finally:
+            db.execute("COMMIT")
+        return {boot: ledger.ranges for boot, ledger in ledgers.items()}
+
+    @staticmethod
+    def _seen(db: sqlite3.Connection):
+        for (blob,) in db.execute("SELECT reports FROM seen ORDER BY id"):
+            yield from _seen_decoder.decode(blob)
 
     def close(self) -> None:
         self._db.close()
