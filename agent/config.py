@@ -81,6 +81,8 @@ class AgentConfig(Struct, forbid_unknown_fields=True):
     kit: KitIdentity
     broker: BrokerConfig
     heartbeat: Annotated[int, Meta(ge=1, le=86400)] = 60
+    # seconds after which a device's identity is sent in full again (0: in every report)
+    identity_refresh: Annotated[int, Meta(ge=0, le=86400)] = 900
     state_dir: str | None = None
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
     probes: dict[str, dict[str, Any]] = {}

@@ -16,6 +16,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Callable
 
 from agent import wire
+from agent.identity import DEFAULT_REFRESH, IdentityTracker
 from agent.probes.base import Probe
 
 log = logging.getLogger("ektp.agent.runner")
@@ -85,6 +86,7 @@ class Runner:
         clock: Clock | None = None,
         executor: Executor | None = None,
         boot: str | None = None,
+        identity_refresh: float = DEFAULT_REFRESH,
     ):
         self.kit = kit
         self.slots = slots
@@ -97,6 +99,7 @@ class Runner:
         )
         self.boot = boot or new_boot_id()
         self.seq = 0
+        self.identity = IdentityTracker(identity_refresh)  # device identities sent in full or by idref
         self.last_report = None  # monotonic time of the last report
         self.wake = threading.Event()
 
@@ -169,7 +172,8 @@ class Runner:
             boot=self.boot,
             seq=self.seq,
             hb=self.heartbeat,
-            p={slot.probe.name: slot.latest for slot in self.slots},
+            p={slot.probe.name: self.identity.apply(slot.probe.name, slot.latest, self.seq, now)
+               for slot in self.slots},
             q=self.queue_stats(),
         )
         for slot in self.slots:

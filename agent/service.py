@@ -78,6 +78,7 @@ class Agent:
             queue_stats=lambda: wire.QueueStats(self.outbox.count, self.outbox.dropped, self.outbox.problem),
             clock=self.clock,
             boot=self.boot,
+            identity_refresh=config.raw.identity_refresh,
         )
 
     def _enqueue(self, report: wire.Report) -> None:

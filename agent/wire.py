@@ -172,6 +172,7 @@ class DeviceEntry(Entry, tag="dev"):
     problem: Count | None = None  # Windows device problem code
     usable: bool | None = None  # a deeper check (V4L2 QUERYCAP, PC/SC) passed
     count: Count | None = None  # matching units present
+    idref: Count | None = None  # identity left out: as in report seq idref of this boot (IDENTITY_FIELDS)
 
 
 class UpsEntry(Entry, tag="ups"):
@@ -191,6 +192,16 @@ class UpsEntry(Entry, tag="ups"):
     vendor: Label | None = None
     model: Label | None = None
     via: Literal["megatec", "nut", "apcupsd"] | None = None
+    idref: Count | None = None  # identity left out: as in report seq idref of this boot (IDENTITY_FIELDS)
+
+
+# The identity of a device or UPS: what almost never changes. An entry with `idref` set leaves
+# these fields out because they are exactly those of the same probe's entry in the report with
+# seq == idref of the same boot, which carried them in full (agent/identity.py decides when).
+IDENTITY_FIELDS: dict[type[Entry], tuple[str, ...]] = {
+    DeviceEntry: ("vid", "pid", "vendor", "product", "serial", "bus", "driver"),
+    UpsEntry: ("vendor", "model"),
+}
 
 
 AnyEntry = Union[HostEntry, LinkEntry, DeviceEntry, UpsEntry]

@@ -678,3 +678,69 @@ def test_windows_listing_is_shared_by_the_kit_probes():
     for thread in threads:
         thread.join(10)
     assert len(calls) == 1
+
+
+def counting_reader(monkeypatch, delay: float = 0.0) -> list[str]:
+    """Counts sysfs listings: read_sysfs_usb is what every Linux USB probe run calls."""
+    import agent.probes.usb as usb
+
+    calls: list[str] = []
+    real = usb.read_sysfs_usb
+
+    def reader(root):
+        calls.append(root)
+        time.sleep(delay)
+        return real(root)
+
+    monkeypatch.setattr(usb, "read_sysfs_usb", reader)
+    return calls
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.4], ids=["fast", "slower-than-sysfs-share"])
+def test_linux_listing_is_shared_by_the_probes_that_run_together(tmp_path, monkeypatch, delay):
+    """Five USB probes due at the same moment read sysfs once, not five times, also when the
+    listing takes longer than SYSFS_SHARE: it began before they asked."""
+    import threading
+
+    from agent.probes.usb import ListingCache
+
+    calls = counting_reader(monkeypatch, delay)
+    root = copy_tree("all-present", tmp_path)
+    ctx = ProbeContext(sysfs_root=str(root), platform="linux", usb_listing=ListingCache())
+    probes = [make(name, ctx) for name in KIT]
+    results = {}
+    threads = [threading.Thread(target=lambda p=p: results.__setitem__(p.name, p.run())) for p in probes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert calls == [str(root)]
+    assert {name: (e.s, e.count) for name, e in results.items()} == {name: ("ok", 1) for name in KIT}
+
+
+def test_shared_linux_listing_is_at_most_sysfs_share_old(tmp_path, monkeypatch):
+    from agent.probes.usb import SYSFS_SHARE, ListingCache
+
+    calls = counting_reader(monkeypatch)
+    root = copy_tree("all-present", tmp_path)
+    other = copy_tree("fingerprint-missing", tmp_path)
+    cache = ListingCache()
+    ctx = ProbeContext(sysfs_root=str(root), platform="linux", usb_listing=cache)
+    fingerprint, camera = make("fingerprint", ctx), make("camera", ctx)
+    assert fingerprint.run().s == "ok"
+    assert camera.run().s == "ok" and len(calls) == 1  # the same moment: one listing
+    unplug(root, "1-1.1")
+    time.sleep(SYSFS_SHARE + 0.05)
+    assert (fingerprint.run().s, len(calls)) == ("missing", 2), "an older listing is not taken"
+    # another sysfs root is another listing
+    elsewhere = make("fingerprint", ProbeContext(sysfs_root=str(other), platform="linux", usb_listing=cache))
+    assert (elsewhere.run().s, calls[-1]) == ("missing", str(other))
+    assert (make("camera", ctx).run().s, calls[-1]) == ("ok", str(root))
+
+
+def test_shared_linux_listing_failure_is_each_probes_error(tmp_path):
+    from agent.probes.usb import ListingCache
+
+    ctx = ProbeContext(sysfs_root=str(tmp_path), platform="linux", usb_listing=ListingCache())
+    entries = [make(name, ctx).run() for name in KIT]
+    assert [(e.s, e.c) for e in entries] == [("error", "usb_unreadable")] * len(KIT)

@@ -52,6 +52,24 @@ def test_compact_encoding_omits_defaults():
     assert wire.encode(full_report(p={"iris": entry}, q=None)).count(b"null") == 0
 
 
+@pytest.mark.parametrize("compress", [False, True])
+def test_idref_entries_round_trip(compress):
+    """Entries that leave their identity out and point to an earlier report (agent/identity.py)."""
+    report = full_report(p={"fingerprint": wire.DeviceEntry(s="ok", count=1, usable=True, idref=41),
+                            "ups": wire.UpsEntry(s="ok", load=0.14, via="megatec", idref=41),
+                            "iris": wire.DeviceEntry(s="missing", c="not_detected")})
+    data = wire.encode(report, compress=compress)
+    assert wire.decode_report(data, KIT) == report
+    if not compress:
+        assert b'"fingerprint":{"k":"dev","s":"ok","usable":true,"count":1,"idref":41}' in data
+    for kind, fields in wire.IDENTITY_FIELDS.items():
+        assert set(fields) < set(kind.__struct_fields__) and "idref" in kind.__struct_fields__
+    bad = wire.encode(report).replace(b'"idref":41', b'"idref":-1', 1)
+    with pytest.raises(wire.WireError) as err:
+        wire.decode_report(bad)
+    assert err.value.reason == "invalid"
+
+
 def test_status_round_trip():
     status = wire.Status(v=1, state="online", boot="abcdef0123456789", ts=1.5, agent="0.1.0", connects=2, hb=60,
                          host="pc-dedai", os="linux 6.1")

@@ -8,11 +8,8 @@ The camera and card_reader probes build on this one.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
-import subprocess
 import threading
 import time
 from typing import Annotated, Any, Callable, Iterable, Literal
@@ -28,6 +25,10 @@ USB_ID_PATTERN = r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{4}$"
 UsbId = Annotated[str, Meta(pattern=USB_ID_PATTERN)]
 
 POWERSHELL_TIMEOUT = 8.0  # seconds; below the default probe timeout of 10 s
+# Linux: the kit's USB probes usually run at the same moment, and each needs the whole device
+# list. One of them reads sysfs and the others take its listing if it began at most this many
+# seconds before they asked, instead of reading the same files again (see ListingCache).
+SYSFS_SHARE = 0.25
 
 # Present and absent ("phantom") USB devices with their problem code; phantoms are dropped in
 # parse_pnp_json. Win32_PnPEntity is used rather than Get-PnpDevice because it exists on every
@@ -94,11 +95,17 @@ _HEX4 = re.compile(r"[0-9a-f]{4}")
 
 
 def _read_attr(path: str) -> str | None:
+    # os.open/os.read rather than open(): no buffered file object for a few bytes, a third of the cost
     try:
-        with open(path, "rb") as fh:
-            return fh.read(4096).decode("utf-8", "replace").strip()
+        fd = os.open(path, os.O_RDONLY)
     except OSError:  # no such attribute, unplugged while reading, or not readable
         return None
+    try:
+        return os.read(fd, 4096).decode("utf-8", "replace").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _read_interfaces(device_dir: str) -> dict[str, str | None]:
@@ -204,6 +211,8 @@ class _PnpRow(Struct, frozen=True):
 
 def parse_pnp_json(text: str) -> list[UsbDevice]:
     """USB devices from the JSON that PNP_SCRIPT prints (or Get-PnpDevice piped to ConvertTo-Json)."""
+    import json  # Windows only
+
     text = text.lstrip("\ufeff").strip()
     if not text:  # ConvertTo-Json prints nothing for no devices
         return []
@@ -277,6 +286,9 @@ def _group_pnp(rows: list[_PnpRow]) -> list[UsbDevice]:
 
 def run_powershell(script: str, timeout: float = POWERSHELL_TIMEOUT) -> str:
     """Runs a PowerShell script and returns what it printed; UsbListError if it cannot."""
+    import shutil  # Windows only
+    import subprocess
+
     exe = shutil.which("powershell.exe") or shutil.which("powershell") or shutil.which("pwsh")
     if exe is None:
         raise UsbListError("PowerShell not found")
@@ -323,24 +335,34 @@ def list_usb_devices(platform: str, sysfs_root: str = "/sys",
 
 
 class ListingCache:
-    """One Windows device listing shared by the kit's USB probes: each listing starts PowerShell,
-    which takes a second or more on an old PC, and five probes would otherwise start five."""
+    """One device listing shared by the kit's USB probes.
+
+    Windows: each listing starts PowerShell, which takes a second or more on an old PC, and five
+    probes would otherwise start five; a listing serves for `max_age` seconds after it was made.
+    Linux: reading sysfs is cheap, but five probes that run at the same moment would read the same
+    fifty-odd files five times; a listing serves only the probes that ask at most `fresh` seconds
+    (SYSFS_SHARE) after it began, so what a run sees is never older than that.
+    """
 
     def __init__(self, max_age: float = 5.0):
         self.max_age = max_age
         self._lock = threading.Lock()
         self._key: tuple | None = None
-        self._at = 0.0
+        self._started = 0.0  # monotonic time the cached listing began
+        self._done = 0.0  # and when it was complete
         self._result: list[UsbDevice] | UsbListError | None = None
 
-    def get(self, key: tuple, fetch: Callable[[], list[UsbDevice]]) -> list[UsbDevice]:
+    def get(self, key: tuple, fetch: Callable[[], list[UsbDevice]], fresh: float | None = None) -> list[UsbDevice]:
+        asked = time.monotonic()
         with self._lock:  # the other probes wait for the one listing, then share it
-            if self._key != key or time.monotonic() - self._at >= self.max_age:
+            stale = asked - self._started > fresh if fresh is not None else asked - self._done >= self.max_age
+            if self._key != key or stale:
+                self._started = time.monotonic()
                 try:
                     self._result = fetch()
                 except UsbListError as exc:
                     self._result = exc
-                self._key, self._at = key, time.monotonic()
+                self._key, self._done = key, time.monotonic()
             if isinstance(self._result, UsbListError):
                 raise self._result
             return self._result
@@ -410,9 +432,11 @@ class UsbProbe(Probe):
         platform = self.platform()
         fetch = lambda: list_usb_devices(platform, self.context.sysfs_root, self.powershell)  # noqa: E731
         cache = getattr(self.context, "usb_listing", None)
-        if platform == "windows" and cache is not None:
+        if cache is None:
+            return fetch()
+        if platform == "windows":
             return cache.get((platform, self.powershell), fetch)
-        return fetch()  # Linux: reading sysfs is cheap, and always fresh
+        return cache.get((platform, self.context.sysfs_root), fetch, fresh=SYSFS_SHARE)
 
     def presence(self) -> wire.DeviceEntry:
         try:
