@@ -6,11 +6,14 @@ the TCP segments the kernel sent and received on that connection (TCP_INFO), so 
 figure is bytes + 52 bytes of IPv4/TCP header (with timestamps) per segment. Link-layer framing
 is not counted.
 
-Time scale: the run is 12x faster than a real day. Heartbeat 5 s and keepalive 5 s stand for the
-defaults of 60 s and 60 s (the same packets per heartbeat, pings included), and the baseline
-publishes every 10/12 s with a 5 s keepalive for "every 10 s, keepalive 60 s". A day is then
-extrapolated as: steady traffic x 86400 / (12 x window) + change reports x their measured cost +
-connects x their measured cost (the numbers assumed per day are stated with the figures).
+Time scale: the run is 12x faster than a real day. Heartbeat 5 s, keepalive 5 s and
+identity_refresh 75 s stand for the defaults of 60 s, 60 s and 900 s (the same packets per
+heartbeat, pings included, and device identities in full in one report of 15, the others pointing
+back with idref), and the baseline publishes every 10/12 s with a 5 s keepalive for "every 10 s,
+keepalive 60 s"; it sends every reading in full, identities included. The steady window is one
+identity refresh period (15 heartbeats), so it holds one report with the identities in full. A day
+is then extrapolated as: steady traffic x 86400 / (12 x window) + change reports x their measured
+cost + connects x their measured cost (the numbers assumed per day are stated with the figures).
 
 Device probes run every 2 s (not scaled: it is what bounds the change latency); the UPS, host and
 link probes at the (scaled) heartbeat. The scenario's changes: the fingerprint reader is
@@ -24,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+import msgspec
 import paho.mqtt.client as paho
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -39,6 +43,7 @@ TITLE = "Bytes on the wire"
 SCALE = 12
 HEARTBEAT = 60 // SCALE
 KEEPALIVE = 60 // SCALE
+IDENTITY_REFRESH = 900 // SCALE  # the agent's default identity_refresh, scaled
 DEVICE_INTERVAL = 2.0
 BASELINE_PERIOD = 10 / SCALE
 CHANGES_PER_DAY = 24  # assumed: e.g. 6 devices unplugged and replugged, and 6 link drops and returns, a day
@@ -145,6 +150,7 @@ def configure(kit: SimKit, url: str, tls_ca: str | None, compress: bool, link_po
     path = kit.write_config(url, heartbeat=HEARTBEAT, interval=DEVICE_INTERVAL)
     config = yaml.safe_load(path.read_text())
     config["broker"] = {"url": url, "keepalive": keepalive, "compress": compress}  # will_delay etc.: defaults
+    config["identity_refresh"] = IDENTITY_REFRESH
     if tls_ca:
         config["broker"]["tls"] = {"ca": tls_ca}
     probes = config["probes"]
@@ -185,7 +191,8 @@ def one_run(ctx: Ctx, plain: Mosquitto, tls: Mosquitto | None, ca: str | None, s
             if got:
                 report = got[-1][1]
                 latest["report"] = wire.Report(v=1, kab="sintang", kec="baseline", kit="kit-1", ts=round(time.time(), 3),
-                                               boot=report.boot, seq=report.seq, hb=10, p=report.p, q=report.q)
+                                               boot=report.boot, seq=report.seq, hb=10, p=with_identities(got),
+                                               q=report.q)
             return latest["report"]
 
         for name, broker in [("baseline", plain)] + ([("baseline_tls", tls)] if tls else []):
@@ -252,8 +259,11 @@ def one_run(ctx: Ctx, plain: Mosquitto, tls: Mosquitto | None, ca: str | None, s
                 ld = diff(link_start[name], link_end[name])
                 row["link_probe_ip_per_day"] = ld["ip"] * DAY / (SCALE * ld["at"])
                 row["link_probe_connections"] = len(x["link"].conns)
-                row["report_payload_bytes"] = [len(wire.encode(r, compress=name != "agent_json"))
-                                               for _, r in x["sub"].reports(x["kec"], t0)][:3]
+                in_window = [r for t, r in x["sub"].reports(x["kec"], t0) if t < t1]
+                sizes = [(len(wire.encode(r, compress=name != "agent_json")), _has_idref(r)) for r in in_window]
+                row["report_payload_bytes"] = [n for n, _ in sizes][:3]
+                row["report_payload_idref"] = [n for n, idref in sizes if idref]  # identities left out
+                row["report_payload_full"] = [n for n, idref in sizes if not idref]  # identities in full
                 row["day_ip"] = (row["steady_ip_per_day"] + CHANGES_PER_DAY * row["ip_per_change_report"]
                                  + CONNECTS_PER_DAY * connect.get("ip", 0))
                 row["day_payload"] = (row["steady_payload_per_day"] + CHANGES_PER_DAY * row["payload_per_change_report"]
@@ -274,6 +284,35 @@ def one_run(ctx: Ctx, plain: Mosquitto, tls: Mosquitto | None, ca: str | None, s
             a["link"].close()
         for s in subs.values():
             s.close()
+
+
+def _payload_words(row: dict) -> str:
+    """The report payloads of the steady window: identities by idref and in full."""
+    idref, full = row.get("report_payload_idref", []), row.get("report_payload_full", [])
+    parts = []
+    if idref:
+        parts.append(f"report payload {median(idref):.0f} B with identities by idref")
+    if full:
+        parts.append(f"{median(full):.0f} B with them in full")
+    return (", ".join(parts) or "report payload ?") + f" ({len(full)} of {len(idref) + len(full)} steady reports in full)"
+
+
+def _has_idref(report: wire.Report) -> bool:
+    return any(getattr(entry, "idref", None) is not None for entry in report.p.values())
+
+
+def with_identities(reports: list[tuple[float, wire.Report]]) -> dict[str, wire.Entry]:
+    """The last report's entries with each idref replaced by the identity it points to (one agent,
+    one boot), as a naive exporter would send them: everything, every time."""
+    full: dict[tuple[str, int], dict] = {}  # (probe, seq) -> identity sent in full
+    for _, report in reports:
+        for name, entry in report.p.items():
+            fields = wire.IDENTITY_FIELDS.get(type(entry))
+            if fields and entry.idref is None:
+                full[(name, report.seq)] = {f: getattr(entry, f) for f in fields}
+    last = reports[-1][1]
+    return {name: msgspec.structs.replace(entry, idref=None, **full.get((name, entry.idref), {}))
+            if getattr(entry, "idref", None) is not None else entry for name, entry in last.p.items()}
 
 
 def _packet_counts(proxy: CountingProxy, since: float, until: float) -> dict:
@@ -299,7 +338,8 @@ def make_pki(directory: Path) -> tuple[str, str, str]:
 
 
 def run(ctx: Ctx) -> list[Figure]:
-    steady, changes, spacing = (HEARTBEAT, 2, 3.0) if ctx.quick else (8 * HEARTBEAT, 6, 3.5)
+    # steady window: one identity refresh period (15 heartbeats), so one report has the identities in full
+    steady, changes, spacing = (HEARTBEAT, 2, 3.0) if ctx.quick else (IDENTITY_REFRESH, 6, 3.5)
     pki_dir = ctx.tmp("pki")
     try:
         ca, cert, key = make_pki(pki_dir)
@@ -338,6 +378,7 @@ def run(ctx: Ctx) -> list[Figure]:
         steady_mb = med(name, lambda r: r["steady_ip_per_day"] / 1e6)
         per_report = med(name, lambda r: r["steady"]["ip"] / max(1, r["steady_reports"]))
         payload_day = med(name, lambda r: r["day_payload"] / 1e6)
+        payloads = _payload_words(first[name])
         why = ""
         if day > 1.0:
             r = first[name]
@@ -346,14 +387,13 @@ def run(ctx: Ctx) -> list[Figure]:
                    f"{' incl. TLS' if name.endswith('tls') else ''} + "
                    f"{IP_TCP_HEADER * r['steady']['segments'] / max(1, r['steady_reports']):.0f} B TCP/IP headers, "
                    f"{r['steady']['segments'] / max(1, r['steady_reports']):.1f} segments); "
-                   f"report payload {r['report_payload_bytes'][0] if r['report_payload_bytes'] else '?'} B; "
-                   f"1440 heartbeats alone = {steady_mb:.2f} MB")
+                   f"{payloads}; 1440 heartbeats alone = {steady_mb:.2f} MB")
         figures.append(Figure(f"{name}_mb_per_day", label + ", per kit per day (IP level)", day, "MB", "<= 1 MB",
                               day <= 1.0, f"JSON every 10 s at QoS 0: {peer:.2f} MB" if peer else "",
                               vals(name, lambda r: r["day_ip"] / 1e6), why,
                               f"{assumption}; heartbeats alone {steady_mb:.3f} MB, MQTT bytes only (no TCP/IP) "
                               f"{payload_day:.3f} MB; {per_report:.0f} B per heartbeat report incl. PUBACK, "
-                              f"pings and TCP/IP headers"))
+                              f"pings and TCP/IP headers; {payloads}"))
     for name, label in [("agent_json", "Agent with compress: false (plain JSON, QoS 1, 60 s)"),
                         ("agent_ka120", "Agent with keepalive: 120 (a ping every 120 s, not every 60 s)"),
                         ("baseline", "Baseline: same readings as JSON every 10 s, QoS 0 (peer)"),
