@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -63,6 +62,8 @@ def check(config: LoadedConfig, lang: str = "id", as_json: bool = False, out=sys
     failing = [name for name, entry in ordered if entry.s in wire.FAILING_STATES]
     others = other_usb_devices(config, context)
     if as_json:
+        import json  # only here: `run` never needs it
+
         doc = {
             "kit": str(config.raw.kit.kit_id()),
             "ok": not failing,

@@ -5,7 +5,7 @@ import pytest
 from agent import wire
 from agent.config import convert
 from agent.probes.base import ProbeContext
-from agent.probes.link import LinkOptions, LinkProbe, icmp_socket_available, parse_ping_output
+from agent.probes.link import LinkOptions, LinkProbe, icmp_socket_available, median, parse_ping_output
 from collector.devbroker import free_port
 
 
@@ -105,3 +105,9 @@ def test_ping_output_parsing(text, code, ok, rtt):
     attempt = parse_ping_output(text, code)
     assert attempt.ok is ok
     assert attempt.rtt == pytest.approx(rtt) if rtt else attempt.rtt is None
+
+
+def test_median_of_round_trips():
+    assert median([0.3]) == 0.3
+    assert median([0.3, 0.1, 0.2]) == 0.2
+    assert median([0.4, 0.1, 0.3, 0.2]) == 0.25

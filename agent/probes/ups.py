@@ -18,13 +18,15 @@ import socket
 import threading
 import time
 from types import MappingProxyType
-from typing import Annotated, Iterable, Literal
+from typing import TYPE_CHECKING, Annotated, Iterable, Literal
 
-import serial
 from msgspec import Meta, Struct
 
 from agent import wire
 from agent.probes.base import Probe
+
+if TYPE_CHECKING:
+    import serial  # pyserial is imported by the megatec driver only: NUT and apcupsd are TCP
 
 log = logging.getLogger("ektp.agent.probes.ups")
 
@@ -640,6 +642,8 @@ class UpsProbe(Probe):
     # -- Megatec -------------------------------------------------------------------------------
 
     def _open(self) -> serial.SerialBase:
+        import serial
+
         if self._port is None:
             opts: UpsOptions = self.options
             self._port = serial.serial_for_url(
@@ -654,6 +658,8 @@ class UpsProbe(Probe):
     def _drop_port(self) -> None:
         port, self._port = self._port, None
         if port is not None:
+            import serial  # imported already: the port was opened
+
             try:
                 port.close()
             except (OSError, serial.SerialException):
@@ -665,6 +671,8 @@ class UpsProbe(Probe):
         return port.read_until(b"\r", 128)
 
     def _run_megatec(self) -> wire.UpsEntry:
+        import serial
+
         opts: UpsOptions = self.options
         if self._closed:
             return self._error("probe_failed", "probe closed")
@@ -726,6 +734,8 @@ class UpsProbe(Probe):
         self._closed = True
         port = self._port
         if port is not None and hasattr(port, "cancel_read"):
+            import serial  # imported already: the port was opened
+
             try:
                 port.cancel_read()  # wakes a run() blocked in read so the lock comes free quickly
             except (OSError, serial.SerialException, AttributeError):
