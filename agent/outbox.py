@@ -21,6 +21,10 @@ log = logging.getLogger("ektp.agent.outbox")
 ROW_OVERHEAD = 48  # bytes a row costs besides its payload, roughly; keeps the bound honest
 MEMORY_MAX_BYTES = 4 * 1024 * 1024  # held in memory while the disk refuses writes
 DISK_RETRY = 10.0  # seconds between attempts to write to a disk that refused
+# SQLite's page cache, in KiB (PRAGMA cache_size, negative = KiB). The queue is appended at one end
+# and read and deleted at the other, a dozen pages in all; SQLite's default of 2000 KiB fills up
+# while a long backlog is sent after an outage and stays allocated for the life of the agent.
+CACHE_KIB = 256
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -78,6 +82,7 @@ class Outbox:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
+            db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             db.executescript(_SCHEMA)
             count, size = db.execute("SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
             dropped = db.execute("SELECT value FROM meta WHERE key='dropped'").fetchone()[0]
