@@ -117,6 +117,11 @@ def test_agent_reaches_devices_through_groups_and_collector_has_none():
     assert collector["CapabilityBoundingSet"] == [""] and "SupplementaryGroups" not in collector
 
 
+def test_agent_threads_share_one_malloc_arena():
+    """A glibc arena per thread costs the agent about 0.45 MB of RSS for a few KB in use."""
+    assert settings(UNITS / "ektp-agent.service")["Environment"] == ["MALLOC_ARENA_MAX=1"]
+
+
 def test_systemd_analyze_verify_accepts_both_units(copies):
     done = subprocess.run([systemd_analyze(), "verify", "--man=no", *map(str, copies.values())],
                           capture_output=True, text=True, timeout=120)
