@@ -109,6 +109,8 @@ class Kit:
     replayed: int = 0
     duplicates: int = 0
     ledgers: dict[str, Ledger] = field(default_factory=dict)
+    # identities sent in full, by (probe, boot, seq), for entries that refer to them (idref)
+    idents: dict[tuple[str, str, int], wire.Entry] = field(default_factory=dict)
     replay_prev: dict[str, dict[str, wire.Entry]] = field(default_factory=dict)
     dirty: bool = True
 
@@ -140,13 +142,19 @@ class KitRecord(msgspec.Struct):
     reports: int = 0
     replayed: int = 0
     duplicates: int = 0
+    idents: list[tuple[str, str, int, wire.AnyEntry]] = []
 
 
 _RECORD_FIELDS = tuple(KitRecord.__struct_fields__)
 
 
 def to_record(kit: Kit) -> KitRecord:
-    return KitRecord(**{name: getattr(kit, name) for name in _RECORD_FIELDS})
+    values = {name: getattr(kit, name) for name in _RECORD_FIELDS}
+    values["idents"] = [(*key, entry) for key, entry in kit.idents.items()]
+    return KitRecord(**values)
+
+
+IDENTS_KEPT = 32  # per kit: the agent refers to the last full identity of each probe
 
 
 class Refused(Exception):
@@ -200,6 +208,7 @@ class Fleet:
         for name in _RECORD_FIELDS:
             setattr(kit, name, getattr(record, name))
         kit.entries = dict(record.entries)
+        kit.idents = {(name, boot, seq): entry for name, boot, seq, entry in record.idents}
         kit.device_changed = dict(record.device_changed)
         kit.ledgers = ledgers
         kit.dirty = False
@@ -245,6 +254,8 @@ class Fleet:
                 kit.duplicates += 1
                 return []
             self._seen.append((kit_id, report.boot, report.seq))
+            if report.p:
+                report = self._identities(kit, report)
             kit.reports += 1
             kit.last_report = now
             kit.dirty = True
@@ -273,6 +284,39 @@ class Fleet:
                 kit.replay_prev[report.boot] = report.p
             events += self._derive(kit, now)
             return events
+
+    @staticmethod
+    def _identities(kit: Kit, report: wire.Report) -> wire.Report:
+        """Fills in identities left out by reference (idref) and keeps those sent in full.
+
+        A reference to a report not (yet) received leaves the identity out: it is filled in when
+        that report arrives (a backlog after an outage), or by the agent's next full one. An
+        identity is never guessed from another report.
+        """
+        resolved = None
+        for name, entry in report.p.items():
+            fields = wire.IDENTITY_FIELDS.get(type(entry))
+            if fields is None:
+                continue
+            if entry.idref is None:
+                if any(getattr(entry, f) is not None for f in fields):
+                    key = (name, report.boot, report.seq)
+                    kit.idents[key] = entry
+                    if len(kit.idents) > IDENTS_KEPT:
+                        del kit.idents[next(iter(kit.idents))]
+                    # the kit's current entry may have been waiting for this one
+                    current = kit.entries.get(name)
+                    if current is not None and kit.boot == report.boot and current.idref == report.seq \
+                            and type(current) is type(entry) and all(getattr(current, f) is None for f in fields):
+                        kit.entries = {**kit.entries, name: _with_identity(current, entry, fields)}
+                        kit.dirty = True
+                continue
+            source = kit.idents.get((name, report.boot, entry.idref))
+            if source is not None and type(source) is type(entry):
+                if resolved is None:
+                    resolved = dict(report.p)
+                resolved[name] = _with_identity(entry, source, fields)
+        return report if resolved is None else msgspec.structs.replace(report, p=resolved)
 
     def sweep(self, now: float) -> list[Event]:
         """Re-derives online/ready for every kit: a silent kit goes offline here."""
@@ -386,6 +430,10 @@ def _copy(kit: Kit) -> Kit:
     clone.__dict__.update(kit.__dict__)
     clone.device_changed = dict(kit.device_changed)
     return clone
+
+
+def _with_identity(entry: wire.Entry, source: wire.Entry, fields: tuple[str, ...]) -> wire.Entry:
+    return msgspec.structs.replace(entry, **{f: getattr(source, f) for f in fields})
 
 
 def _word(flag, yes: str, no: str) -> str:

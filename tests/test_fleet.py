@@ -236,3 +236,48 @@ def test_store_keeps_reports_taken_in_a_journal_until_the_ledgers_are_folded(tmp
     store.write([], [(kit, "aaaaaaaa", 3)], [], T0 + 2, ledgers=[(kit, "aaaaaaaa", Ledger([[1, 4]]))])
     assert store._db.execute("SELECT count(*) FROM seen").fetchone() == (0,)
     assert Store(tmp_path / "c.sqlite").ledger(kit) == {"aaaaaaaa": [[1, 4]]}
+
+
+def test_identity_left_out_by_reference_is_filled_in_never_guessed():
+    # The agent's IdentityTracker makes the reports, as on the wire; the fleet shows full entries.
+    from agent.identity import IdentityTracker
+
+    tracker = IdentityTracker(refresh=900)
+    fingerprint = wire.DeviceEntry(s="ok", vid="05ba", pid="000a", vendor="DigitalPersona", serial="FP-1")
+    ups = wire.UpsEntry(s="ok", on_batt=False, vendor="EMULATED UPS", model="MEGA-1000")
+
+    def made(seq, fp=fingerprint, replay=False):
+        p = {"fingerprint": tracker.apply("fingerprint", fp, seq, seq * 60.0),
+             "ups": tracker.apply("ups", ups, seq, seq * 60.0)}
+        return wire.decode_report(wire.encode(wire.Report(v=1, kab="sintang", kec="dedai", kit="kit-1", ts=T0,
+                                                          boot="aaaaaaaa", seq=seq, hb=60, p=p, replay=replay)))
+
+    wire_reports = [made(seq) for seq in range(1, 5)]
+    assert wire_reports[1].p["fingerprint"].idref == 1 and wire_reports[1].p["fingerprint"].serial is None
+
+    fleet = Fleet(config())
+    fleet.apply_status(KIT, status(), T0)
+    for r in wire_reports[:2]:
+        assert not [e for e in fleet.apply_report(r, T0) if e.kind == "identity"]
+    kit = fleet.get(KIT)
+    assert kit.entries["fingerprint"].serial == "FP-1" and kit.entries["ups"].model == "MEGA-1000"
+
+    # a restarted collector keeps what the references point at
+    restored = Fleet(config())
+    restored.restore(KIT, fleet.take_dirty()[0][1], {})
+    restored.apply_report(wire_reports[2], T0)
+    assert restored.get(KIT).entries["fingerprint"].serial == "FP-1"
+
+    # a reference to a report not received yet: no identity shown, until that report arrives
+    other = Fleet(config())
+    other.apply_status(KIT, status(), T0)
+    other.apply_report(wire_reports[3], T0)  # live first after an outage; refers to seq 1
+    assert other.get(KIT).entries["fingerprint"].serial is None
+    other.apply_report(msgspec.structs.replace(wire_reports[0], replay=True), T0)
+    assert other.get(KIT).entries["fingerprint"].serial == "FP-1"
+
+    # a swapped unit is sent in full, and is an identity change
+    swapped = made(5, fp=msgspec.structs.replace(fingerprint, serial="FP-2"))
+    assert swapped.p["fingerprint"].idref is None
+    events = fleet.apply_report(swapped, T0)
+    assert ("identity", "fingerprint", "FP-1", "FP-2") in kinds(events)
