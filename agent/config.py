@@ -57,7 +57,8 @@ class BrokerConfig(Struct, forbid_unknown_fields=True):
     protocol: Literal["5", "3.1.1"] = "5"
     username: str | None = None
     password_file: str | None = None
-    keepalive: Annotated[int, Meta(ge=5, le=3600)] = 60
+    # 120, not 60: paho-mqtt 2.2 pings every keepalive even while reports flow (docs/wire-protocol.md)
+    keepalive: Annotated[int, Meta(ge=5, le=3600)] = 120
     will_delay: Annotated[int, Meta(ge=0, le=3600)] = 30
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
     client_id: str | None = None
