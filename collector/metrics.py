@@ -1,272 +1,393 @@
-"""Prometheus metrics: the metric contract, and its text exposition built from a fleet snapshot.
+"""Prometheus metrics: the metric contract, and its text exposition built from the fleet's state.
 
 This file is the one place that names metrics: dashboards and alert rules depend on them. Each
-family is a row of FAMILIES with a function that gives one kit's sample lines. Nothing is a
-global Gauge, so a kit that leaves the fleet leaves no stale series behind. The text is written
-here rather than through prometheus_client's generic objects because a national fleet (15,000
-kits, about 750,000 samples) must render in well under a second; tests check the output with
-prometheus_client's parser and `promtool check metrics`.
+family is a row of FAMILIES: a name, and where its values come from (a field of each kit, UPS,
+host, disk or link target, or a function of its own). Nothing is a global Gauge and nothing is
+kept between scrapes, so a kit that leaves the fleet leaves no stale series behind. The text is
+written here rather than through prometheus_client's generic objects because a national fleet
+(15,000 kits, about 400,000 samples) must render in well under a second on a small server; tests
+check the output with prometheus_client's parser and `promtool check metrics`.
+
+A scrape, at 15,000 kits:
+1. `Table`, under the fleet's lock: one pass over the kits reads everything the families show
+   into columns (label text, values), with each kit's label text made once. No copy of a kit.
+2. `_text`, per family: the family's lines are one join of its columns interleaved, in blocks of
+   about 100 kB sent as they are made. Each distinct value is formatted once per scrape (most
+   repeat across a fleet).
+What /metrics carries is chosen for that size: docs/collector.md lists it, and what is left to
+/api/fleet and why. Per sample the cost is about a microsecond; a family with one sample per kit
+costs about 5 ms per scrape at 15,000 kits.
 """
 
 from __future__ import annotations
 
 import gc
-import threading
-from typing import Callable, Iterator, NamedTuple
+from contextlib import contextmanager
+from itertools import compress
+from operator import attrgetter, gt
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 from agent import wire
-from collector import rules
 from collector.config import DEVICE_NAMES
 from collector.fleet import Fleet, Kit
+from collector.rules import USABLE_STATES
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 KIT_STATES = ("ready", "not_ready", "offline")
+BLOCK = 1024  # sample lines per chunk of text, about 100 kB
 
 
 def _esc(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-_BOOL = {True: "1", False: "0"}
+class _Memo(dict):
+    """Text made once per distinct key per scrape: `make(key)` on the first lookup."""
+
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[object], str], known: dict | None = None):
+        super().__init__(known or {})
+        self.make = make
+
+    def __missing__(self, key) -> str:
+        text = self[key] = self.make(key)
+        return text
 
 
-def _num(value: float | int | bool) -> str:
-    # Wire values are finite (JSON has no NaN or Infinity), so repr is valid Prometheus text.
-    if value is True or value is False:
-        return _BOOL[value]
-    return repr(value)
+def _numbers() -> _Memo:
+    """Sample values as text. repr() of a float costs about a microsecond, and most values repeat
+    across a fleet (a charge of 1.0, 220.0 V, 0 reports queued). True, 1 and 1.0 are one key and one
+    sample value; repr of a non-finite float ('inf', 'nan') is valid in the text format. None (no
+    value, so no sample) is ''."""
+    return _Memo(repr, {None: "", True: "1", False: "0"})
 
 
-class View:
-    """What the families need of one kit, worked out once per change of the kit."""
+def _stamps() -> _Memo:
+    """Unix times, to the millisecond: '%.3f' costs half of repr, and some repeat (the collector's
+    time stamped on every device of one report)."""
+    return _Memo("%.3f".__mod__, {None: ""})
 
-    __slots__ = ("kit", "labels", "devices", "ups", "host", "targets", "ifaces")
 
-    def __init__(self, kit: Kit, labels: str, required: tuple[str, ...]):
-        self.kit = kit
-        self.labels = labels
-        self.ups = self.host = None
-        self.targets: dict[str, wire.LinkTarget] = {}
-        self.ifaces: dict[str, bool] = {}
-        entries = kit.entries
-        # One UPS and one host per kit, each target and interface once: a second probe of the
-        # same kind would otherwise give duplicate series and fail the whole scrape.
-        ups = entries.get("ups")
-        if isinstance(ups, wire.UpsEntry):
-            self.ups = ups
-        for entry in entries.values():
-            if isinstance(entry, wire.HostEntry) and self.host is None:
-                self.host = entry
-            elif isinstance(entry, wire.LinkEntry):
-                for target, state in entry.targets.items():
-                    self.targets.setdefault(target, state)
-                for iface, up in entry.ifaces.items():
-                    self.ifaces.setdefault(iface, up)
-        # devices with a series: reported, or required (then 0 when not reported)
-        self.devices = [(d, entries.get(d)) for d in DEVICE_NAMES if d in entries or d in required]
+# A family's samples: each line's label text, as a list of parts (a column with one item per
+# sample, or a str that every sample shares) that together make '{...} ', and its values (None: no
+# sample), in step.
+Samples = tuple[list["Sequence[str] | str"], Sequence]
 
 
 class Family(NamedTuple):
     name: str
     type: str  # gauge | counter
     help: str
-    # one kit's sample lines, each ending in a newline; `head` is 'name{kit labels' (no brace)
-    lines: Callable[[View, str], str]
+    # A Table source ("kit", "reporting", "ups", "host", "disk", "target") and the field of its items
+    # that is the value; or source "" and a function giving the family's samples.
+    source: str
+    value: str | Callable[["Table"], Samples]
+    timestamp: bool = False  # values are Unix times, written to the millisecond
 
 
-def one(value: Callable[[View], float | int | bool | None]) -> Callable[[View, str], str]:
-    """A family with one sample per kit (none when the value is unknown)."""
+class Table:
+    """What the families show of the fleet, read in one pass over the kits, under the fleet's lock
+    (ingest replaces a kit's entries whole, but changes its counters and device_changed in place).
 
-    def lines(v: View, head: str) -> str:
-        x = value(v)
-        return "" if x is None else head + "} " + _num(x) + "\n"
+    Sources of one-field families: "kit" (every kit), "reporting" (kits that have reported), "ups",
+    "host" (the UPS and host entry of each kit that has one), "disk", "target" (each disk of a host,
+    each link target): `parts[source]` is their label text and `values[source][field]` a column
+    per field in `_FIELDS[source]`. Families of their own read `labels` (each kit's
+    '{kabupaten="..",kecamatan="..",kit=".."', no closing brace), `devices`, `broken`, `probes`,
+    `ifaces` and `temps`.
 
-    return lines
+    A kit's entries are read while at hand: the kits are scattered in memory, and a pass per
+    field would cost a cache miss per kit each time.
+    """
+
+    def __init__(self, kits: list[Kit], required: tuple[str, ...]):
+        self.kits = len(kits)
+        self.numbers, self.stamps = _numbers(), _stamps()
+        columns = list(zip(*map(attrgetter("id", "entries", "device_changed", *_FIELDS["kit"]), kits))) or \
+            [()] * (3 + len(_FIELDS["kit"]))
+        ids, kit_entries, kit_changed = columns[:3]
+        kit_values = dict(zip(_FIELDS["kit"], columns[3:]))
+        # kit ids are slugs (topic levels, inventory keys): nothing to escape
+        self.labels = labels = [f'{{kabupaten="{kab}",kecamatan="{kec}",kit="{name}"' for kab, kec, name in ids]
+        heads = [label + "} " for label in labels]
+        reported = [last is not None for last in kit_values["last_report"]]
+        self.values: dict[str, dict[str, Sequence]] = {
+            "kit": kit_values,
+            "reporting": {field: list(compress(kit_values[field], reported)) for field in _FIELDS["reporting"]}}
+        self.parts: dict[str, list] = {"kit": [heads], "reporting": [list(compress(heads, reported))]}
+
+        # Devices with a series: reported, or required (then down when not reported), as labels
+        # and up; for the devices down, since when (label, ',device=".."} ', time).
+        self.devices: dict[str, tuple[list[str], list[bool]]] = {}
+        device_columns = {}
+        for device in DEVICE_NAMES:
+            these = self.devices[device] = ([], [])
+            device_columns[device] = (these[0].append, these[1].append, f',device="{device}"}} ')
+        required = frozenset(required)
+        # (labels, suffixes such as ',probe="host"} ', values) of the others
+        self.broken, self.probes, self.ifaces, self.temps = ([], [], []), ([], [], []), ([], [], []), ([], [], [])
+        ups_heads, ups_rows, host_heads, host_rows = [], [], [], []
+        disk_labels, disk_suffixes, disk_rows = [], [], []
+        target_labels, target_suffixes, target_rows = [], [], []
+        self.parts.update(ups=[ups_heads], host=[host_heads], disk=[disk_labels, disk_suffixes],
+                          target=[target_labels, target_suffixes])
+        esc = _Memo(_esc)
+        probe_text = _Memo(lambda name: f',probe="{name}"}} ')  # probe names are slugs
+        target_text = _Memo(lambda name: f',target="{esc[name]}"}} ')
+        iface_text = _Memo(lambda name: f',interface="{esc[name]}"}} ')
+        mount_text = _Memo(lambda name: f',mount="{esc[name]}"}} ')
+        sensor_text = _Memo(lambda name: f',sensor="{esc[name]}"}} ')
+        # of each UPS, host, disk and link target: a row of the fields its families show
+        ups_of, host_of, disk_of, target_of = map(_getter, (_FIELDS["ups"], _FIELDS["host"], _FIELDS["disk"],
+                                                            _FIELDS["target"]))
+        broken_label, broken_suffix, broken = (column.append for column in self.broken)
+        probe_label, probe_suffix, probe = (column.append for column in self.probes)
+        add_ups_head, add_ups, add_host_head, add_host = (ups_heads.append, ups_rows.append, host_heads.append,
+                                                          host_rows.append)
+        disk_label, disk_suffix, disk = disk_labels.append, disk_suffixes.append, disk_rows.append
+        target_label, target_suffix, target = target_labels.append, target_suffixes.append, target_rows.append
+        UpsEntry, HostEntry, LinkEntry, failing = wire.UpsEntry, wire.HostEntry, wire.LinkEntry, wire.FAILING_STATES
+
+        for entries, changed, label, head in zip(kit_entries, kit_changed, labels, heads):
+            host = link = None
+            for name, entry in entries.items():
+                device = device_columns.get(name)
+                if device is not None:
+                    add_label, add_up, suffix = device
+                    add_label(label)
+                    if entry.s in USABLE_STATES:
+                        add_up(True)
+                    else:
+                        add_up(False)
+                        if (since := changed.get(name)) is not None:
+                            broken_label(label)
+                            broken_suffix(suffix)
+                            broken(since)
+                    if name == "ups" and type(entry) is UpsEntry:
+                        add_ups_head(head)
+                        add_ups(ups_of(entry))
+                    continue
+                probe_label(label)
+                probe_suffix(probe_text[name])
+                probe(entry.s not in failing)
+                # One host per kit, each link target and interface once: a second probe of the
+                # same kind would otherwise give duplicate series and fail the whole scrape.
+                kind = type(entry)
+                if kind is HostEntry:
+                    if host is None:
+                        host = entry
+                        add_host_head(head)
+                        add_host(host_of(entry))
+                        for mount, item in entry.disks.items():
+                            disk_label(label)
+                            disk_suffix(mount_text[mount])
+                            disk(disk_of(item))
+                        for sensor, celsius in entry.temps.items():
+                            _add(self.temps, label, sensor_text[sensor], celsius)
+                elif kind is LinkEntry:
+                    if link is None:  # the kit's first link probe: all of its targets
+                        link, seen = entry, None
+                        for key, state in entry.targets.items():
+                            target_label(label)
+                            target_suffix(target_text[key])
+                            target(target_of(state))
+                        for key, up in entry.ifaces.items():
+                            _add(self.ifaces, label, iface_text[key], up)
+                        continue
+                    if seen is None:
+                        seen = set(link.targets), set(link.ifaces)
+                    for key, state in entry.targets.items():
+                        if key not in seen[0]:
+                            seen[0].add(key)
+                            target_label(label)
+                            target_suffix(target_text[key])
+                            target(target_of(state))
+                    for key, up in entry.ifaces.items():
+                        if key not in seen[1]:
+                            seen[1].add(key)
+                            _add(self.ifaces, label, iface_text[key], up)
+            if required and not entries.keys() >= required:
+                for name in required:  # required and not reported: down
+                    if name not in entries:
+                        add_label, add_up, _ = device_columns[name]
+                        add_label(label)
+                        add_up(False)
+
+        for source, rows in (("ups", ups_rows), ("host", host_rows), ("disk", disk_rows), ("target", target_rows)):
+            self.values[source] = _columns(_FIELDS[source], rows)
 
 
-def per(label: str, items: Callable[[View], Iterator[tuple[str, float | int | bool | None]]],
-        escape: bool = False) -> Callable[[View, str], str]:
-    """A family with one sample per device, target, mount, ... of a kit."""
-
-    def lines(v: View, head: str) -> str:
-        return "".join(f'{head},{label}="{_esc(k) if escape else k}"}} {_num(x)}\n'
-                       for k, x in items(v) if x is not None)
-
-    return lines
+def _add(columns: tuple[list, list, list], label: str, suffix: str, value) -> None:
+    columns[0].append(label)
+    columns[1].append(suffix)
+    columns[2].append(value)
 
 
-def _ups(field: str) -> Callable[[View], float | None]:
-    return lambda v: None if v.ups is None else getattr(v.ups, field)
+def _getter(fields: tuple[str, ...]) -> Callable:
+    return attrgetter(*fields) if fields else lambda item: None
 
 
-def _host(field: str) -> Callable[[View], float | None]:
-    return lambda v: None if v.host is None else getattr(v.host, field)
+def _columns(fields: tuple[str, ...], rows: list) -> dict[str, Sequence]:
+    """Rows of _getter(fields) values as a column per field."""
+    if len(fields) == 1:  # attrgetter of one field gives the value itself
+        return {fields[0]: rows}
+    return dict(zip(fields, zip(*rows) if rows else [()] * len(fields)))
 
 
-def _agent(field: str) -> Callable[[View], int | None]:
-    return lambda v: None if v.kit.last_report is None else getattr(v.kit, field)
+def _text(family: Family, samples: Samples, table: Table) -> Iterator[bytes]:
+    """The family's HELP, TYPE and sample lines, in chunks of BLOCK lines.
+
+    A chunk is one join of the label parts and values interleaved. Chunks stay small on purpose:
+    text made in memory the allocator already holds costs a copy, while one big string (tens of MB
+    for a large fleet) costs a page fault per 4 kB, which on a small VM is most of the time."""
+    parts, values = samples
+    texts = list(map((table.stamps if family.timestamp else table.numbers).__getitem__, values))
+    if "" in texts:  # no value, no sample ('' is much quicker to look for than None among numbers)
+        parts = [part if isinstance(part, str) else list(compress(part, texts)) for part in parts]
+        texts = list(filter(None, texts))
+    if not texts:
+        return
+    name = family.name
+    step = len(parts) + 2  # newline and name, the label parts, the value
+    separator = "\n" + name
+    for start in range(0, len(texts), BLOCK):
+        block = texts[start:start + BLOCK]
+        size = len(block)
+        pieces = [separator] * (step * size)
+        for i, part in enumerate(parts, 1):
+            pieces[i::step] = [part] * size if isinstance(part, str) else part[start:start + BLOCK]
+        pieces[step - 1::step] = block
+        pieces[0] = f"# HELP {name} {family.help}\n# TYPE {name} {family.type}\n{name}" if start == 0 else name
+        pieces.append("\n")
+        yield "".join(pieces).encode()
 
 
-def _kit_info(v: View, head: str) -> str:
-    k = v.kit
-    return f'{head},hostname="{_esc(k.host)}",agent_version="{_esc(k.agent_version)}",os="{_esc(k.os)}"}} 1\n'
+def _samples(family: Family, table: Table) -> Samples:
+    if family.source:
+        return table.parts[family.source], table.values[family.source][family.value]
+    return family.value(table)
 
 
-def _device_info(v: View, head: str) -> str:
-    out = []
-    for device, entry in v.devices:
-        if isinstance(entry, wire.DeviceEntry) and (entry.vendor or entry.product or entry.serial or entry.vid):
-            vendor, product, serial = entry.vendor or entry.vid or "", entry.product or entry.pid or "", entry.serial or ""
-        elif isinstance(entry, wire.UpsEntry) and (entry.vendor or entry.model):
-            vendor, product, serial = entry.vendor or "", entry.model or "", ""
-        else:
-            continue
-        out.append(f'{head},device="{device}",vendor="{_esc(vendor)}",product="{_esc(product)}",'
-                   f'serial="{_esc(serial)}"}} 1\n')
-    return "".join(out)
+def _kit_info(t: Table) -> Samples:
+    esc = _Memo(_esc)
+    text = _Memo(lambda key: f',hostname="{esc[key[0]]}",agent_version="{esc[key[1]]}",os="{esc[key[2]]}"}} ')
+    kit = t.values["kit"]  # kits mostly share these: each text made once
+    return [t.labels, list(map(text.__getitem__, zip(kit["host"], kit["agent_version"], kit["os"])))], [1] * t.kits
 
 
-def _disks(field: str):
-    return lambda v: ((m, getattr(d, field)) for m, d in v.host.disks.items()) if v.host else ()
+def _device_up(t: Table) -> Samples:
+    labels, suffixes, up = [], [], []
+    for device, (these, values) in t.devices.items():
+        labels += these
+        suffixes += [f',device="{device}"}} '] * len(these)
+        up += values
+    return [labels, suffixes], up
+
+
+def _other(name: str) -> Callable[[Table], Samples]:
+    """Samples of the Table's (labels, suffixes, values) `name`."""
+    return lambda t: (list(getattr(t, name)[:2]), getattr(t, name)[2])
 
 
 G, C = "gauge", "counter"
 FAMILIES: tuple[Family, ...] = (
-    Family("ektp_kit_info", G, "Kit metadata from its agent's status message (value 1).", _kit_info),
+    Family("ektp_kit_info", G, "Kit metadata from its agent's status message (value 1).", "", _kit_info),
     Family("ektp_kit_expected", G, "1 if the kit is in the collector's inventory, 0 if it appeared on its own.",
-           one(lambda v: v.kit.expected)),
-    Family("ektp_kit_online", G, "1 while the kit's status is online and its reports arrive in time.",
-           one(lambda v: v.kit.online)),
-    Family("ektp_kit_status_online", G, "1 while the kit's retained MQTT status says online.",
-           one(lambda v: v.kit.status == "online")),
+           "kit", "expected"),
+    Family("ektp_kit_online", G, "1 while the kit's status is online and its reports arrive in time.", "kit", "online"),
     Family("ektp_kit_ready", G, "1 when the kit is online and every required device is up: it can record.",
-           one(lambda v: v.kit.ready)),
+           "kit", "ready"),
     Family("ektp_kit_last_report_timestamp_seconds", G, "When the collector last received a report.",
-           one(lambda v: v.kit.last_report)),
+           "kit", "last_report", timestamp=True),
     Family("ektp_kit_ready_change_timestamp_seconds", G, "When ektp_kit_ready last changed value.",
-           one(lambda v: v.kit.ready_changed)),
-    Family("ektp_kit_online_change_timestamp_seconds", G, "When ektp_kit_online last changed value.",
-           one(lambda v: v.kit.online_changed)),
-    Family("ektp_kit_heartbeat_seconds", G, "The agent's heartbeat: a report is due at least this often.",
-           one(lambda v: v.kit.hb)),
+           "kit", "ready_changed", timestamp=True),
     Family("ektp_kit_reports_received_total", C, "Reports received from the kit (duplicates excluded).",
-           one(lambda v: v.kit.reports)),
-    Family("ektp_kit_reports_replayed_total", C, "Reports received from the kit's backlog after an outage.",
-           one(lambda v: v.kit.replayed)),
-    Family("ektp_kit_reports_duplicate_total", C, "Reports received twice and dropped.",
-           one(lambda v: v.kit.duplicates)),
-    Family("ektp_device_up", G, "1 if the device is present and working (ok or warn), 0 otherwise.",
-           per("device", lambda v: ((d, rules.device_up(e)) for d, e in v.devices))),
-    Family("ektp_device_info", G, "Identity of the unit present (value 1).", _device_info),
-    Family("ektp_device_state_change_timestamp_seconds", G, "When the device's state last changed.",
-           per("device", lambda v: ((d, v.kit.device_changed.get(d)) for d, _ in v.devices))),
-    Family("ektp_ups_on_battery", G, "1 while the UPS runs on battery (mains failed).", one(_ups("on_batt"))),
-    Family("ektp_ups_battery_low", G, "1 while the UPS reports a low battery.", one(_ups("batt_low"))),
+           "kit", "reports"),
+    Family("ektp_device_up", G, "1 if the device is present and working (ok or warn), 0 otherwise.", "", _device_up),
+    Family("ektp_device_state_change_timestamp_seconds", G, "While the device is not up: when its state last "
+           "changed, so since when it is broken.", "", _other("broken"), timestamp=True),
+    Family("ektp_probe_success", G, "1 if the agent's probe ran and found nothing failing; probes that are not "
+           "devices (host, link, ...), devices have ektp_device_up.", "", _other("probes")),
+    Family("ektp_ups_on_battery", G, "1 while the UPS runs on battery (mains failed).", "ups", "on_batt"),
+    Family("ektp_ups_battery_low", G, "1 while the UPS reports a low battery.", "ups", "batt_low"),
     Family("ektp_ups_battery_charge_ratio", G, "Battery charge 0..1 (estimated from voltage on Megatec).",
-           one(_ups("charge"))),
-    Family("ektp_ups_load_ratio", G, "Load as a ratio of the UPS's rating.", one(_ups("load"))),
-    Family("ektp_ups_input_voltage_volts", G, "Mains input voltage.", one(_ups("in_v"))),
-    Family("ektp_ups_output_voltage_volts", G, "Output voltage.", one(_ups("out_v"))),
-    Family("ektp_ups_battery_voltage_volts", G, "Battery voltage.", one(_ups("batt_v"))),
-    Family("ektp_ups_input_frequency_hertz", G, "Mains input frequency.", one(_ups("in_hz"))),
-    Family("ektp_ups_temperature_celsius", G, "UPS temperature.", one(_ups("temp"))),
-    Family("ektp_link_up", G, "1 if the target answered in the last link check.",
-           per("target", lambda v: ((t, s.up) for t, s in v.targets.items()))),
-    Family("ektp_link_rtt_seconds", G, "Round trip of the last answered link check.",
-           per("target", lambda v: ((t, s.rtt) for t, s in v.targets.items()))),
+           "ups", "charge"),
+    Family("ektp_ups_input_voltage_volts", G, "Mains input voltage.", "ups", "in_v"),
+    Family("ektp_link_up", G, "1 if the target answered in the last link check.", "target", "up"),
+    Family("ektp_link_rtt_seconds", G, "Round trip of the last answered link check.", "target", "rtt"),
     Family("ektp_link_probes_sent_total", C, "Link checks sent to the target since the agent started.",
-           per("target", lambda v: ((t, s.sent) for t, s in v.targets.items()))),
-    Family("ektp_link_probes_received_total", C, "Link checks answered since the agent started.",
-           per("target", lambda v: ((t, s.recv) for t, s in v.targets.items()))),
-    Family("ektp_link_interface_up", G, "1 if the network interface is up.",
-           per("interface", lambda v: v.ifaces.items(), escape=True)),
-    Family("ektp_host_cpu_usage_ratio", G, "CPU busy ratio over the last host check.", one(_host("cpu"))),
-    Family("ektp_host_memory_available_bytes", G, "Memory available.", one(_host("mem_avail"))),
-    Family("ektp_host_memory_size_bytes", G, "Memory installed.", one(_host("mem_total"))),
-    Family("ektp_host_disk_free_bytes", G, "Disk space free.", per("mount", _disks("free"), escape=True)),
-    Family("ektp_host_disk_size_bytes", G, "Disk size.", per("mount", _disks("size"), escape=True)),
-    Family("ektp_host_temperature_celsius", G, "Temperature sensors of the PC.",
-           per("sensor", lambda v: v.host.temps.items() if v.host else (), escape=True)),
-    Family("ektp_host_boot_time_seconds", G, "When the PC booted.", one(_host("boot"))),
+           "target", "sent"),
+    Family("ektp_link_probes_received_total", C, "Link checks answered since the agent started.", "target", "recv"),
+    Family("ektp_link_interface_up", G, "1 if the network interface is up.", "", _other("ifaces")),
+    Family("ektp_host_disk_free_bytes", G, "Disk space free.", "disk", "free"),
+    Family("ektp_host_temperature_celsius", G, "Temperature sensors of the PC.", "", _other("temps")),
     Family("ektp_host_clock_skew_seconds", G, "Seconds the PC clock is ahead of the reference server.",
-           one(_host("skew"))),
+           "host", "skew"),
     Family("ektp_agent_queued_reports", G, "Reports waiting in the agent's store-and-forward queue.",
-           one(_agent("queued"))),
+           "reporting", "queued"),
     Family("ektp_agent_dropped_reports_total", C, "Reports the agent dropped because its queue was full.",
-           one(_agent("dropped"))),
+           "reporting", "dropped"),
     Family("ektp_agent_queue_on_disk", G, "1 while the agent's queue is on disk; 0 while the disk refuses "
-           "writes (full, read-only) and reports are held in memory only.",
-           one(lambda v: None if v.kit.last_report is None else not v.kit.queue_problem)),
-    Family("ektp_probe_success", G, "1 if the agent's probe ran and found nothing failing.",
-           per("probe", lambda v: ((n, e.s not in wire.FAILING_STATES) for n, e in v.kit.entries.items()))),
+           "writes (full, read-only) and reports are held in memory only.", "",
+           lambda t: (t.parts["reporting"], [not problem for problem in t.values["reporting"]["queue_problem"]])),
 )
 
 
-def _fingerprint(kit: Kit) -> tuple:
-    """Changes whenever anything a family shows of the kit changes (entries are replaced whole)."""
-    return (kit.last_report, kit.status, kit.online, kit.ready, kit.online_changed, kit.ready_changed,
-            kit.reports, kit.replayed, kit.duplicates, kit.queued, kit.dropped, kit.queue_problem, kit.hb,
-            kit.host, kit.agent_version, kit.os, kit.expected)
+def _fields(sources: tuple[str, ...], *more: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys([family.value for family in FAMILIES if family.source in sources] + list(more)))
 
 
-class _Cached:
-    __slots__ = ("heads", "entries", "fingerprint", "chunks")
+# The fields the Table reads: of the kits, those FAMILIES show and those read above (kit info, queue
+# problem; online and ready for ektp_collector_kits), and of them those kept for kits that have
+# reported; of each UPS, host, disk and link target, those FAMILIES show.
+_FIELDS: dict[str, tuple[str, ...]] = {
+    "kit": _fields(("kit", "reporting"), "last_report", "host", "agent_version", "os", "queue_problem", "online",
+                   "ready"),
+    "reporting": _fields(("reporting",), "queue_problem"),
+    **{source: _fields((source,)) for source in ("ups", "host", "disk", "target")},
+}
+
+
+@contextmanager
+def _gc_paused():
+    """Cyclic GC off while the Table is read: its tens of thousands of new tuples would otherwise
+    set off collections over the whole fleet, which find nothing."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 class Exposition:
-    """Renders the fleet's families, re-rendering only kits that changed since the last scrape:
-    at 15,000 kits a full render costs seconds, a scrape of mostly unchanged kits milliseconds."""
+    """Renders the fleet's families from one Table per scrape, streamed in chunks.
+
+    Nothing is kept between scrapes: at 15,000 kits every kit usually changed since the last one
+    (a report per heartbeat), and the rendered text (tens of MB) would cost far more memory than
+    rendering it again costs time."""
 
     def __init__(self, fleet: Fleet):
         self.fleet = fleet
-        self._cache: dict[wire.KitId, _Cached] = {}
-        self._lock = threading.Lock()
-
-    def _chunks(self, kit: Kit) -> list[str]:
-        cached = self._cache.get(kit.id)
-        fingerprint = _fingerprint(kit)
-        if cached is not None and cached.entries is kit.entries and cached.fingerprint == fingerprint:
-            return cached.chunks
-        if cached is None:
-            cached = _Cached()
-            kab, kec, name = kit.id
-            labels = f'kabupaten="{kab}",kecamatan="{kec}",kit="{name}"'  # slugs: nothing to escape
-            cached.heads = [f"{family.name}{{{labels}" for family in FAMILIES]
-            self._cache[kit.id] = cached
-        view = View(kit, "", self.fleet.required)
-        cached.chunks = [family.lines(view, head) for family, head in zip(FAMILIES, cached.heads)]
-        cached.entries, cached.fingerprint = kit.entries, fingerprint
-        return cached.chunks
 
     def render(self) -> Iterator[bytes]:
-        """One chunk per family, streamed, so no 100 MB string is ever built."""
-        kits = self.fleet.snapshot()
-        with self._lock:  # two scrapes at once share the cache
-            collecting = gc.isenabled()
-            gc.disable()  # hundreds of thousands of short strings: cyclic GC passes find nothing
-            try:
-                rows = [self._chunks(kit) for kit in kits]
-            finally:
-                if collecting:
-                    gc.enable()
-            if len(self._cache) > len(kits):  # kits gone from the fleet leave no series behind
-                present = {kit.id for kit in kits}
-                for kit_id in [k for k in self._cache if k not in present]:
-                    del self._cache[kit_id]
-        for index, family in enumerate(FAMILIES):
-            body = "".join([row[index] for row in rows])
-            if body:
-                yield (_header(family.name, family.type, family.help) + body).encode()
-        places = sorted(self.fleet.coords.items())
+        fleet = self.fleet
+        with _gc_paused(), fleet.lock:  # readers read under the lock (collector/fleet.py)
+            table = Table(list(fleet.kits.values()), fleet.required)
+        for family in FAMILIES:
+            yield from _text(family, _samples(family, table), table)
+        places = sorted(fleet.coords.items())
         if places:  # only what the inventory gives; coordinates are never guessed
             yield (_header("ektp_kecamatan_location_info", G, "Kecamatan position from the collector's inventory "
                            "(value 1), for map panels.")
                    + "".join(f'ektp_kecamatan_location_info{{kabupaten="{kab}",kecamatan="{kec}",'
-                             f'name="{_esc(self.fleet.display_name(kab, kec))}",latitude="{lat}",longitude="{lon}"}} 1\n'
+                             f'name="{_esc(fleet.display_name(kab, kec))}",latitude="{lat}",longitude="{lon}"}} 1\n'
                              for (kab, kec), (lat, lon) in places)).encode()
-        counts = dict.fromkeys(KIT_STATES, 0)
-        for kit in kits:
-            counts["ready" if kit.ready else "not_ready" if kit.online else "offline"] += 1
+        online, ready = table.values["kit"]["online"], table.values["kit"]["ready"]
+        counts = {"ready": sum(ready), "not_ready": sum(map(gt, online, ready))}  # online and not ready
+        counts["offline"] = table.kits - counts["ready"] - counts["not_ready"]
         yield (_header("ektp_collector_kits", G, "Kits by state: ready, not_ready (online), offline.")
                + "".join(f'ektp_collector_kits{{state="{s}"}} {counts[s]}\n' for s in KIT_STATES)).encode()
 
