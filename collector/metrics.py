@@ -94,8 +94,8 @@ class Table:
     "host" (the UPS and host entry of each kit that has one), "disk", "target" (each disk of a host,
     each link target): `parts[source]` is their label text and `values[source][field]` a column
     per field in `_FIELDS[source]`. Families of their own read `labels` (each kit's
-    '{kabupaten="..",kecamatan="..",kit=".."', no closing brace), `devices`, `broken`, `probes`,
-    `ifaces` and `temps`.
+    '{kabupaten="..",kecamatan="..",kit=".."', no closing brace), `devices`, `broken`, `ifaces` and
+    `temps`.
 
     A kit's entries are read while at hand: the kits are scattered in memory, and a pass per
     field would cost a cache miss per kit each time.
@@ -125,15 +125,14 @@ class Table:
             these = self.devices[device] = ([], [])
             device_columns[device] = (these[0].append, these[1].append, f',device="{device}"}} ')
         required = frozenset(required)
-        # (labels, suffixes such as ',probe="host"} ', values) of the others
-        self.broken, self.probes, self.ifaces, self.temps = ([], [], []), ([], [], []), ([], [], []), ([], [], [])
+        # (labels, suffixes such as ',interface="eth0"} ', values) of the others
+        self.broken, self.ifaces, self.temps = ([], [], []), ([], [], []), ([], [], [])
         ups_heads, ups_rows, host_heads, host_rows = [], [], [], []
         disk_labels, disk_suffixes, disk_rows = [], [], []
         target_labels, target_suffixes, target_rows = [], [], []
         self.parts.update(ups=[ups_heads], host=[host_heads], disk=[disk_labels, disk_suffixes],
                           target=[target_labels, target_suffixes])
         esc = _Memo(_esc)
-        probe_text = _Memo(lambda name: f',probe="{name}"}} ')  # probe names are slugs
         target_text = _Memo(lambda name: f',target="{esc[name]}"}} ')
         iface_text = _Memo(lambda name: f',interface="{esc[name]}"}} ')
         mount_text = _Memo(lambda name: f',mount="{esc[name]}"}} ')
@@ -142,12 +141,11 @@ class Table:
         ups_of, host_of, disk_of, target_of = map(_getter, (_FIELDS["ups"], _FIELDS["host"], _FIELDS["disk"],
                                                             _FIELDS["target"]))
         broken_label, broken_suffix, broken = (column.append for column in self.broken)
-        probe_label, probe_suffix, probe = (column.append for column in self.probes)
         add_ups_head, add_ups, add_host_head, add_host = (ups_heads.append, ups_rows.append, host_heads.append,
                                                           host_rows.append)
         disk_label, disk_suffix, disk = disk_labels.append, disk_suffixes.append, disk_rows.append
         target_label, target_suffix, target = target_labels.append, target_suffixes.append, target_rows.append
-        UpsEntry, HostEntry, LinkEntry, failing = wire.UpsEntry, wire.HostEntry, wire.LinkEntry, wire.FAILING_STATES
+        UpsEntry, HostEntry, LinkEntry = wire.UpsEntry, wire.HostEntry, wire.LinkEntry
 
         for entries, changed, label, head in zip(kit_entries, kit_changed, labels, heads):
             host = link = None
@@ -168,9 +166,6 @@ class Table:
                         add_ups_head(head)
                         add_ups(ups_of(entry))
                     continue
-                probe_label(label)
-                probe_suffix(probe_text[name])
-                probe(entry.s not in failing)
                 # One host per kit, each link target and interface once: a second probe of the
                 # same kind would otherwise give duplicate series and fail the whole scrape.
                 kind = type(entry)
@@ -307,8 +302,6 @@ FAMILIES: tuple[Family, ...] = (
     Family("ektp_device_up", G, "1 if the device is present and working (ok or warn), 0 otherwise.", "", _device_up),
     Family("ektp_device_state_change_timestamp_seconds", G, "While the device is not up: when its state last "
            "changed, so since when it is broken.", "", _other("broken"), timestamp=True),
-    Family("ektp_probe_success", G, "1 if the agent's probe ran and found nothing failing; probes that are not "
-           "devices (host, link, ...), devices have ektp_device_up.", "", _other("probes")),
     Family("ektp_ups_on_battery", G, "1 while the UPS runs on battery (mains failed).", "ups", "on_batt"),
     Family("ektp_ups_battery_low", G, "1 while the UPS reports a low battery.", "ups", "batt_low"),
     Family("ektp_ups_battery_charge_ratio", G, "Battery charge 0..1 (estimated from voltage on Megatec).",

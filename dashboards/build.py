@@ -468,11 +468,6 @@ def kit_detail() -> dict:
                                   f"max by (device) (ektp_device_up{{{k}}} == 1) * 0",
                           "legend": "{{device}}", "instant": True}),
                  unit="s", w=8, h=8, thresholds=steps("green", (1, "red"))),
-        state_timeline("Hasil probe agen (probe success)",
-                       "1 bila probe agen yang bukan perangkat (komputer/host, jaringan/link) berjalan dan tidak "
-                       "menemukan kegagalan. Perangkat: lihat status perangkat di atas.",
-                       targets((f"max by (probe) (ektp_probe_success{{{k}}})", "{{probe}}")),
-                       mappings=mapping(("0", "GAGAL", "red"), ("1", "OK", "green")), w=24, h=5),
         row("UPS"),
         stat("Sumber listrik (power)", "Listrik PLN, baterai (PLN padam) atau baterai lemah.",
              targets((f"max(ektp_ups_on_battery{{{k}}} + ektp_ups_battery_low{{{k}}})", "listrik")),
