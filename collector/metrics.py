@@ -5,12 +5,13 @@ family is a row of FAMILIES: a name, and where its values come from (a field of 
 host, disk or link target, or a function of its own). Nothing is a global Gauge and nothing is
 kept between scrapes, so a kit that leaves the fleet leaves no stale series behind. The text is
 written here rather than through prometheus_client's generic objects because a national fleet
-(15,000 kits, about 400,000 samples) must render in well under a second on a small server; tests
+(15,000 kits, about 375,000 samples) must render in well under a second on a small server; tests
 check the output with prometheus_client's parser and `promtool check metrics`.
 
 A scrape, at 15,000 kits:
-1. `Table`, under the fleet's lock: one pass over the kits reads everything the families show
-   into columns (label text, values), with each kit's label text made once. No copy of a kit.
+1. `Table`, under the fleet's lock (about 0.2 s at 15,000 kits, while ingest waits): one pass over
+   the kits reads everything the families show into columns (label text, values), with each
+   kit's label text made once. No copy of a kit.
 2. `_text`, per family: the family's lines are one join of its columns interleaved, in blocks of
    about 100 kB sent as they are made. Each distinct value is formatted once per scrape (most
    repeat across a fleet).
