@@ -109,8 +109,10 @@ class Kit:
     replayed: int = 0
     duplicates: int = 0
     ledgers: dict[str, Ledger] = field(default_factory=dict)
-    # identities sent in full, by (probe, boot, seq), for entries that refer to them (idref)
-    idents: dict[tuple[str, str, int], wire.Entry] = field(default_factory=dict)
+    # per probe, the newest identity sent in full, (boot, seq, entry), for entries that refer to
+    # it (idref): one from live reports and one from the backlog, which arrive interleaved
+    idents: dict[str, tuple[str, int, wire.Entry]] = field(default_factory=dict)
+    replay_idents: dict[str, tuple[str, int, wire.Entry]] = field(default_factory=dict)
     replay_prev: dict[str, dict[str, wire.Entry]] = field(default_factory=dict)
     dirty: bool = True
 
@@ -150,11 +152,9 @@ _RECORD_FIELDS = tuple(KitRecord.__struct_fields__)
 
 def to_record(kit: Kit) -> KitRecord:
     values = {name: getattr(kit, name) for name in _RECORD_FIELDS}
-    values["idents"] = [(*key, entry) for key, entry in kit.idents.items()]
+    # live ones first: restore() takes the first of each probe as live, a second as the backlog's
+    values["idents"] = [(name, *kept) for held in (kit.idents, kit.replay_idents) for name, kept in held.items()]
     return KitRecord(**values)
-
-
-IDENTS_KEPT = 32  # per kit: the agent refers to the last full identity of each probe
 
 
 class Refused(Exception):
@@ -208,7 +208,9 @@ class Fleet:
         for name in _RECORD_FIELDS:
             setattr(kit, name, getattr(record, name))
         kit.entries = dict(record.entries)
-        kit.idents = {(name, boot, seq): entry for name, boot, seq, entry in record.idents}
+        kit.idents, kit.replay_idents = {}, {}
+        for name, boot, seq, entry in record.idents:
+            (kit.replay_idents if name in kit.idents else kit.idents)[name] = (boot, seq, entry)
         kit.device_changed = dict(record.device_changed)
         kit.ledgers = ledgers
         kit.dirty = False
@@ -289,9 +291,10 @@ class Fleet:
     def _identities(kit: Kit, report: wire.Report) -> wire.Report:
         """Fills in identities left out by reference (idref) and keeps those sent in full.
 
-        A reference to a report not (yet) received leaves the identity out: it is filled in when
-        that report arrives (a backlog after an outage), or by the agent's next full one. An
-        identity is never guessed from another report.
+        The agent refers to the newest identity it sent in full for that probe, so the newest one
+        of each stream (live, backlog) is all that is kept. A reference to a report not (yet)
+        received leaves the identity out: it is filled in when that report arrives (a backlog
+        after an outage), or by the agent's next full one. An identity is never guessed.
         """
         resolved = None
         for name, entry in report.p.items():
@@ -300,10 +303,10 @@ class Fleet:
                 continue
             if entry.idref is None:
                 if any(getattr(entry, f) is not None for f in fields):
-                    key = (name, report.boot, report.seq)
-                    kit.idents[key] = entry
-                    if len(kit.idents) > IDENTS_KEPT:
-                        del kit.idents[next(iter(kit.idents))]
+                    held = kit.replay_idents if report.replay else kit.idents
+                    kept = held.get(name)
+                    if kept is None or kept[0] != report.boot or kept[1] < report.seq:
+                        held[name] = (report.boot, report.seq, entry)
                     # the kit's current entry may have been waiting for this one
                     current = kit.entries.get(name)
                     if current is not None and kit.boot == report.boot and current.idref == report.seq \
@@ -311,11 +314,14 @@ class Fleet:
                         kit.entries = {**kit.entries, name: _with_identity(current, entry, fields)}
                         kit.dirty = True
                 continue
-            source = kit.idents.get((name, report.boot, entry.idref))
-            if source is not None and type(source) is type(entry):
-                if resolved is None:
-                    resolved = dict(report.p)
-                resolved[name] = _with_identity(entry, source, fields)
+            for held in (kit.idents, kit.replay_idents):
+                kept = held.get(name)
+                if kept is not None and kept[1] == entry.idref and kept[0] == report.boot \
+                        and type(kept[2]) is type(entry):
+                    if resolved is None:
+                        resolved = dict(report.p)
+                    resolved[name] = _with_identity(entry, kept[2], fields)
+                    break
         return report if resolved is None else msgspec.structs.replace(report, p=resolved)
 
     def sweep(self, now: float) -> list[Event]:

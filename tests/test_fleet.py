@@ -276,6 +276,26 @@ def test_identity_left_out_by_reference_is_filled_in_never_guessed():
     other.apply_report(msgspec.structs.replace(wire_reports[0], replay=True), T0)
     assert other.get(KIT).entries["fingerprint"].serial == "FP-1"
 
+    # a backlog with its own full identities, interleaved with live reports: both resolve, and
+    # one identity per probe and stream is all that is kept
+    backlog_tracker, live_tracker = IdentityTracker(refresh=900), IdentityTracker(refresh=900)
+
+    def stream(tracker_, seq, replay):
+        p = {"fingerprint": tracker_.apply("fingerprint", fingerprint, seq, seq * 60.0)}
+        return wire.decode_report(wire.encode(wire.Report(v=1, kab="sintang", kec="dedai", kit="kit-1", ts=T0,
+                                                          boot="bbbbbbbb", seq=seq, hb=60, p=p, replay=replay)))
+
+    mixed = Fleet(config())
+    mixed.apply_status(KIT, status(), T0)
+    for back, live in zip(range(1, 40), range(100, 140)):
+        mixed.apply_report(stream(live_tracker, live, False), T0)
+        assert mixed.get(KIT).entries["fingerprint"].serial == "FP-1"
+        backlog = mixed.apply_report(stream(backlog_tracker, back, True), T0)
+        assert not [e for e in backlog if e.kind == "identity"]
+    kept = mixed.get(KIT)
+    assert kept.idents["fingerprint"][:2] == ("bbbbbbbb", 130)  # the agent refreshes every 15 cycles here
+    assert kept.replay_idents["fingerprint"][:2] == ("bbbbbbbb", 31) and len(kept.idents) == 1
+
     # a swapped unit is sent in full, and is an identity change
     swapped = made(5, fp=msgspec.structs.replace(fingerprint, serial="FP-2"))
     assert swapped.p["fingerprint"].idref is None
