@@ -184,9 +184,10 @@ def run(ctx: Ctx) -> list[Figure]:
                               f"<= {GOAL_MB} MB" if judged else "", (med("rss_mb") <= GOAL_MB) if judged else None,
                               peer_mem, runs("rss_mb", 1), "" if not judged or med("rss_mb") <= GOAL_MB else
                               f"measured: {med('rss_before_scrape_mb'):.0f} MB with the fleet loaded, before any "
-                              f"scrape; scraping ({med('bytes') / 1e6:.0f} MB of text per exposition, kept rendered "
-                              f"between scrapes) takes it to {med('rss_mb'):.0f} MB ({med('anon_mb'):.0f} MB "
-                              f"anonymous heap)",
+                              f"scrape; scraping (one pass over the fleet into columns, {med('bytes') / 1e6:.0f} MB "
+                              f"of text sent in blocks, nothing kept between scrapes) takes it to "
+                              f"{med('rss_mb'):.0f} MB ({med('anon_mb'):.0f} MB anonymous heap: CPython returns "
+                              f"little freed memory to the system)",
                               f"before the first scrape {med('rss_before_scrape_mb'):.0f} MB; anonymous (heap) {med('anon_mb'):.0f} MB"))
     ctx.note("peer: mqtt2prometheus (28 fields per report mapped, as in the ingest benchmark) fed the same reports "
              "as plain JSON (it cannot read zlib) through its own fresh broker; /metrics timed after one first GET "
