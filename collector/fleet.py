@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
+from operator import attrgetter
+from sys import intern
 
 import msgspec
 
@@ -76,7 +79,7 @@ class Ledger:
         return [(a[1] + 1, b[0] - 1) for a, b in zip(self.ranges, self.ranges[1:])]
 
 
-@dataclass
+@dataclass(slots=True)  # no per-kit __dict__: about 1.3 kB less per kit
 class Kit:
     id: wire.KitId
     expected: bool = False
@@ -109,8 +112,9 @@ class Kit:
     replayed: int = 0
     duplicates: int = 0
     ledgers: dict[str, Ledger] = field(default_factory=dict)
-    # per probe, the newest identity sent in full, (boot, seq, entry), for entries that refer to
-    # it (idref): one from live reports and one from the backlog, which arrive interleaved
+    # identities that entries may refer to (idref) besides the current entries': per probe,
+    # (boot, seq of the report that carried it in full, that entry). idents: one the current
+    # entry no longer shows (the device went missing); replay_idents: the newest of a backlog.
     idents: dict[str, tuple[str, int, wire.Entry]] = field(default_factory=dict)
     replay_idents: dict[str, tuple[str, int, wire.Entry]] = field(default_factory=dict)
     replay_prev: dict[str, dict[str, wire.Entry]] = field(default_factory=dict)
@@ -145,6 +149,7 @@ class KitRecord(msgspec.Struct):
     replayed: int = 0
     duplicates: int = 0
     idents: list[tuple[str, str, int, wire.AnyEntry]] = []
+    replay_idents: list[tuple[str, str, int, wire.AnyEntry]] = []
 
 
 _RECORD_FIELDS = tuple(KitRecord.__struct_fields__)
@@ -152,8 +157,8 @@ _RECORD_FIELDS = tuple(KitRecord.__struct_fields__)
 
 def to_record(kit: Kit) -> KitRecord:
     values = {name: getattr(kit, name) for name in _RECORD_FIELDS}
-    # live ones first: restore() takes the first of each probe as live, a second as the backlog's
-    values["idents"] = [(name, *kept) for held in (kit.idents, kit.replay_idents) for name, kept in held.items()]
+    values["idents"] = [(name, *kept) for name, kept in kit.idents.items()]
+    values["replay_idents"] = [(name, *kept) for name, kept in kit.replay_idents.items()]
     return KitRecord(**values)
 
 
@@ -207,10 +212,9 @@ class Fleet:
             kit = self.kits[kit_id] = Kit(kit_id)
         for name in _RECORD_FIELDS:
             setattr(kit, name, getattr(record, name))
-        kit.entries = dict(record.entries)
-        kit.idents, kit.replay_idents = {}, {}
-        for name, boot, seq, entry in record.idents:
-            (kit.replay_idents if name in kit.idents else kit.idents)[name] = (boot, seq, entry)
+        kit.entries = _shared({}, record.entries)
+        kit.idents = {name: (boot, seq, entry) for name, boot, seq, entry in record.idents}
+        kit.replay_idents = {name: (boot, seq, entry) for name, boot, seq, entry in record.replay_idents}
         kit.device_changed = dict(record.device_changed)
         kit.ledgers = ledgers
         kit.dirty = False
@@ -256,8 +260,6 @@ class Fleet:
                 kit.duplicates += 1
                 return []
             self._seen.append((kit_id, report.boot, report.seq))
-            if report.p:
-                report = self._identities(kit, report)
             kit.reports += 1
             kit.last_report = now
             kit.dirty = True
@@ -267,6 +269,8 @@ class Fleet:
                 current = report.seq > kit.seq
             else:
                 current = kit.boot is None or (new_boot and not report.replay)
+            if report.p:
+                report = self._identities(kit, report, current)
             if current:
                 if report.boot == kit.boot and report.seq > kit.seq + 1 and report.boot not in kit.replay_prev:
                     # a gap: the backlog that fills it is compared with the state before the gap
@@ -275,8 +279,10 @@ class Fleet:
                 for event in events:
                     if event.kind in ("device", "probe"):
                         kit.device_changed[event.subject] = now
+                entries = _shared(kit.entries, report.p)
+                _keep_identities(kit, entries)
                 kit.boot, kit.seq, kit.hb = report.boot, report.seq, report.hb
-                kit.entries = report.p
+                kit.entries = entries
                 kit.last_report_ts = report.ts
                 if report.q is not None:
                     kit.queued, kit.dropped, kit.queue_problem = report.q.queued, report.q.dropped, report.q.problem
@@ -288,13 +294,15 @@ class Fleet:
             return events
 
     @staticmethod
-    def _identities(kit: Kit, report: wire.Report) -> wire.Report:
-        """Fills in identities left out by reference (idref) and keeps those sent in full.
+    def _identities(kit: Kit, report: wire.Report, current: bool) -> wire.Report:
+        """Fills in identities left out by reference (idref).
 
-        The agent refers to the newest identity it sent in full for that probe, so the newest one
-        of each stream (live, backlog) is all that is kept. A reference to a report not (yet)
-        received leaves the identity out: it is filled in when that report arrives (a backlog
-        after an outage), or by the agent's next full one. An identity is never guessed.
+        The agent refers to the newest identity it sent in full for that probe. In the live
+        stream that is the kit's current entry (sent in full, or itself filled in from it), or
+        the one kept when the device went missing (`_keep_identities`); in a backlog, the newest
+        one the backlog carried. A reference to a report not (yet) received leaves the identity
+        out: it is filled in when that report arrives, or by the agent's next full one. An
+        identity is never guessed from another report.
         """
         resolved = None
         for name, entry in report.p.items():
@@ -302,26 +310,22 @@ class Fleet:
             if fields is None:
                 continue
             if entry.idref is None:
-                if any(getattr(entry, f) is not None for f in fields):
-                    held = kit.replay_idents if report.replay else kit.idents
-                    kept = held.get(name)
+                if not current and any(getattr(entry, f) is not None for f in fields):
+                    kept = kit.replay_idents.get(name)
                     if kept is None or kept[0] != report.boot or kept[1] < report.seq:
-                        held[name] = (report.boot, report.seq, entry)
+                        kit.replay_idents[name] = (report.boot, report.seq, entry)
                     # the kit's current entry may have been waiting for this one
-                    current = kit.entries.get(name)
-                    if current is not None and kit.boot == report.boot and current.idref == report.seq \
-                            and type(current) is type(entry) and all(getattr(current, f) is None for f in fields):
-                        kit.entries = {**kit.entries, name: _with_identity(current, entry, fields)}
-                        kit.dirty = True
+                    now_shown = kit.entries.get(name)
+                    if now_shown is not None and kit.boot == report.boot and now_shown.idref == report.seq \
+                            and type(now_shown) is type(entry) and not _has_identity(now_shown, fields):
+                        kit.entries = {**kit.entries, name: _with_identity(now_shown, entry, fields)}
+                        kit.idents.pop(name, None)
                 continue
-            for held in (kit.idents, kit.replay_idents):
-                kept = held.get(name)
-                if kept is not None and kept[1] == entry.idref and kept[0] == report.boot \
-                        and type(kept[2]) is type(entry):
-                    if resolved is None:
-                        resolved = dict(report.p)
-                    resolved[name] = _with_identity(entry, kept[2], fields)
-                    break
+            source = _identity_source(kit, name, report.boot, entry, fields)
+            if source is not None:
+                if resolved is None:
+                    resolved = dict(report.p)
+                resolved[name] = _with_identity(entry, source, fields)
         return report if resolved is None else msgspec.structs.replace(report, p=resolved)
 
     def sweep(self, now: float) -> list[Event]:
@@ -431,11 +435,100 @@ class Fleet:
         return self.names.get(key) or (kec or kab).replace("-", " ").title()
 
 
+_kit_values = attrgetter(*(f.name for f in dataclass_fields(Kit)))
+
+
 def _copy(kit: Kit) -> Kit:
-    clone = Kit.__new__(Kit)
-    clone.__dict__.update(kit.__dict__)
+    clone = Kit(*_kit_values(kit))
     clone.device_changed = dict(kit.device_changed)
     return clone
+
+
+def _text_fields(kind: type) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A struct's text fields worth sharing, and its fields that are dicts keyed by text."""
+    text, keyed = [], []
+    for f in msgspec.inspect.type_info(kind).fields:
+        types = f.type.types if isinstance(f.type, msgspec.inspect.UnionType) else (f.type,)
+        if any(isinstance(t, msgspec.inspect.StrType) for t in types) and f.name not in ("serial", "m"):
+            text.append(f.name)  # not a unit's serial nor free text: those do not repeat
+        elif any(isinstance(t, msgspec.inspect.DictType) for t in types):
+            keyed.append(f.name)
+    return tuple(text), tuple(keyed)
+
+
+_TEXT = {kind: _text_fields(kind) for kind in (*wire.ENTRY_TYPES.values(), wire.LinkTarget)}
+
+
+def _shared(old: dict[str, wire.Entry], new: dict[str, wire.Entry]) -> dict[str, wire.Entry]:
+    """A report's entries as the kit keeps them: an entry equal to the kit's previous one is that
+    one, and text that repeats across the fleet (probe, target and mount names, USB ids, vendors,
+    models, reason codes) is held once (sys.intern), not once per kit: about a third of a national
+    fleet's memory."""
+    out = {}
+    for name, entry in new.items():
+        before = old.get(name)
+        if before is not None and before == entry:
+            out[intern(name)] = before
+            continue
+        _share_text(entry)
+        out[intern(name)] = entry
+    return out
+
+
+def _share_text(item) -> None:
+    text, keyed = _TEXT[type(item)]
+    for f in text:
+        value = getattr(item, f)
+        if value:
+            setattr(item, f, intern(value))
+    for f in keyed:
+        mapping = getattr(item, f)
+        if mapping:
+            for value in mapping.values():
+                if type(value) in _TEXT:
+                    _share_text(value)
+            setattr(item, f, {intern(key): value for key, value in mapping.items()})
+
+
+def _has_identity(entry: wire.Entry, fields: tuple[str, ...]) -> bool:
+    return any(getattr(entry, f) is not None for f in fields)
+
+
+def _source_seq(kit: Kit, entry: wire.Entry) -> int:
+    """The report whose identity a current entry shows: its own, or the one it referred to."""
+    return kit.seq if entry.idref is None else entry.idref
+
+
+def _identity_source(kit: Kit, name: str, boot: str, entry: wire.Entry,
+                     fields: tuple[str, ...]) -> wire.Entry | None:
+    """The entry that carried in full the identity `entry` refers to, if the kit has it."""
+    shown = kit.entries.get(name)
+    if shown is not None and kit.boot == boot and type(shown) is type(entry) and _has_identity(shown, fields) \
+            and _source_seq(kit, shown) == entry.idref:
+        return shown
+    for held in (kit.idents, kit.replay_idents):
+        kept = held.get(name)
+        if kept is not None and kept[0] == boot and kept[1] == entry.idref and type(kept[2]) is type(entry):
+            return kept[2]
+    return None
+
+
+def _keep_identities(kit: Kit, entries: dict[str, wire.Entry]) -> None:
+    """Before the kit's current entries are replaced: an identity shown now that the new ones no
+    longer show (the device went missing) is kept, since the agent refers to it again when the
+    same unit comes back; one shown again needs keeping no longer."""
+    for name, before in kit.entries.items():
+        after = entries.get(name)
+        if after is before:
+            continue
+        fields = wire.IDENTITY_FIELDS.get(type(before))
+        if fields is None or not _has_identity(before, fields):
+            continue
+        if after is None or type(after) is not type(before) or not _has_identity(after, fields):
+            kit.idents[name] = (kit.boot, _source_seq(kit, before), before)
+    for name in [name for name in kit.idents if name in entries and
+                 _has_identity(entries[name], wire.IDENTITY_FIELDS.get(type(entries[name]), ()))]:
+        del kit.idents[name]
 
 
 def _with_identity(entry: wire.Entry, source: wire.Entry, fields: tuple[str, ...]) -> wire.Entry:

@@ -293,11 +293,59 @@ def test_identity_left_out_by_reference_is_filled_in_never_guessed():
         backlog = mixed.apply_report(stream(backlog_tracker, back, True), T0)
         assert not [e for e in backlog if e.kind == "identity"]
     kept = mixed.get(KIT)
-    assert kept.idents["fingerprint"][:2] == ("bbbbbbbb", 130)  # the agent refreshes every 15 cycles here
-    assert kept.replay_idents["fingerprint"][:2] == ("bbbbbbbb", 31) and len(kept.idents) == 1
+    assert kept.entries["fingerprint"].idref == 130  # the agent refreshes every 15 cycles here
+    assert kept.replay_idents["fingerprint"][:2] == ("bbbbbbbb", 31) and kept.idents == {}
+
+    # unplugged and plugged back: the agent refers to the identity sent before, which the kit
+    # no longer showed in between
+    replug = IdentityTracker(refresh=900)
+    unplugged = wire.DeviceEntry(s="missing", c="not_found")
+
+    def plug(seq, fp):
+        p = {"fingerprint": replug.apply("fingerprint", fp, seq, seq * 10.0)}
+        return wire.decode_report(wire.encode(wire.Report(v=1, kab="sintang", kec="dedai", kit="kit-1", ts=T0,
+                                                          boot="cccccccc", seq=seq, hb=60, p=p)))
+
+    plugged = Fleet(config())
+    plugged.apply_status(KIT, status(), T0)
+    for seq, fp in enumerate([fingerprint, fingerprint, unplugged, fingerprint, fingerprint], start=1):
+        plugged.apply_report(plug(seq, fp), T0)
+        if seq == 3:
+            assert plugged.get(KIT).idents["fingerprint"][:2] == ("cccccccc", 1)
+            restarted = Fleet(config())
+            restarted.restore(KIT, plugged.take_dirty()[0][1], {})
+            plugged = restarted
+    replugged = plugged.get(KIT)
+    assert replugged.entries["fingerprint"].idref == 1 and replugged.entries["fingerprint"].serial == "FP-1"
+    assert replugged.idents == {}
 
     # a swapped unit is sent in full, and is an identity change
     swapped = made(5, fp=msgspec.structs.replace(fingerprint, serial="FP-2"))
     assert swapped.p["fingerprint"].idref is None
     events = fleet.apply_report(swapped, T0)
     assert ("identity", "fingerprint", "FP-1", "FP-2") in kinds(events)
+
+
+def test_text_that_repeats_across_the_fleet_is_held_once():
+    # Each decoded report brings its own copies of the same strings; a national fleet keeps one.
+    fleet = Fleet(config())
+    kit2 = wire.KitId("sintang", "dedai", "kit-2")
+    for kit in (KIT, kit2):
+        fleet.apply_status(kit, status(), T0)
+        r = report(1, kit=kit)
+        r.p["fingerprint"] = wire.DeviceEntry(s="ok", vendor="DigitalPersona, Inc.", serial=f"SN-{kit.kit}")
+        r.p["link"] = wire.LinkEntry(s="ok", targets={"district": wire.LinkTarget(up=True)}, ifaces={"eth0": True})
+        fleet.apply_report(wire.decode_report(wire.encode(r)), T0)
+    one, two = fleet.get(KIT), fleet.get(kit2)
+    assert one.entries["fingerprint"].vendor is two.entries["fingerprint"].vendor
+    assert next(iter(one.entries)) is next(iter(two.entries))
+    assert next(iter(one.entries["link"].targets)) is next(iter(two.entries["link"].targets))
+    assert next(iter(one.entries["link"].ifaces)) is next(iter(two.entries["link"].ifaces))
+    assert one.entries["fingerprint"].serial == "SN-kit-1" and two.entries["fingerprint"].serial == "SN-kit-2"
+
+    # an entry that did not change is the one the kit already holds
+    before = one.entries["fingerprint"]
+    again = report(2)
+    again.p["fingerprint"] = wire.DeviceEntry(s="ok", vendor="DigitalPersona, Inc.", serial="SN-kit-1")
+    fleet.apply_report(wire.decode_report(wire.encode(again)), T0)
+    assert fleet.get(KIT).entries["fingerprint"] is before
