@@ -4,7 +4,7 @@
 
 It connects as the collector does (MQTT 5, clean start, manual acknowledgement, the report topics
 at QoS 1), acknowledges each message in its callback and either only counts it (`count`) or also
-decodes it with wire.decode_report (`decode`). No queue, no fleet, no store. It prints "ready"
+decodes it as the collector does (wire.parse_topic, wire.decode_report: `decode`). No queue, no fleet, no store. It prints "ready"
 once subscribed; each line read from stdin is answered with the number of messages so far.
 """
 
@@ -31,7 +31,7 @@ def main(host: str, port: int, mode: str) -> None:
 
     def on_message(client, userdata, message):
         if decode:
-            wire.decode_report(message.payload, message.topic)
+            wire.decode_report(message.payload, wire.parse_topic(message.topic)[0])
         counted[0] += 1
         client.ack(message.mid, message.qos)
 
