@@ -2,10 +2,11 @@
 
     python -m bench.baresub HOST PORT [count|decode]
 
-It connects as the collector does (MQTT 5, clean start, manual acknowledgement, the report topics
-at QoS 1), acknowledges each message in its callback and either only counts it (`count`) or also
-decodes it as the collector does (wire.parse_topic, wire.decode_report: `decode`). No queue, no fleet, no store. It prints "ready"
-once subscribed; each line read from stdin is answered with the number of messages so far.
+It connects as the collector does (MQTT 5, manual acknowledgement, the report topics at QoS 1;
+a fresh session), acknowledges each message in its callback and either only counts it (`count`)
+or also decodes it as the collector does (wire.parse_topic, wire.decode_report: `decode`). No
+queue, no fleet, no store. It prints "ready" once subscribed; each line read from stdin is
+answered with the number of messages so far.
 """
 
 from __future__ import annotations
