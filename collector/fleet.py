@@ -310,7 +310,7 @@ class Fleet:
             if fields is None:
                 continue
             if entry.idref is None:
-                if not current and any(getattr(entry, f) is not None for f in fields):
+                if not current and _has_identity(entry, fields):
                     kept = kit.replay_idents.get(name)
                     if kept is None or kept[0] != report.boot or kept[1] < report.seq:
                         kit.replay_idents[name] = (report.boot, report.seq, entry)
@@ -456,7 +456,7 @@ def _text_fields(kind: type) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(text), tuple(keyed)
 
 
-_TEXT = {kind: _text_fields(kind) for kind in (*wire.ENTRY_TYPES.values(), wire.LinkTarget)}
+_TEXT = {kind: _text_fields(kind) for kind in wire.ENTRY_TYPES.values()}
 
 
 def _shared(old: dict[str, wire.Entry], new: dict[str, wire.Entry]) -> dict[str, wire.Entry]:
@@ -483,10 +483,7 @@ def _share_text(item) -> None:
             setattr(item, f, intern(value))
     for f in keyed:
         mapping = getattr(item, f)
-        if mapping:
-            for value in mapping.values():
-                if type(value) in _TEXT:
-                    _share_text(value)
+        if mapping:  # keyed by target, interface, mount or sensor names; the values hold no text
             setattr(item, f, {intern(key): value for key, value in mapping.items()})
 
 
